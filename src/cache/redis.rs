@@ -1,0 +1,387 @@
+//! The Redis/Valkey store: bytes in, bytes out, with fail-open health tracking.
+//!
+//! One multiplexed connection per process (tagged with the fork epoch, so a forked child
+//! opens its own). The first failure that looks like an outage (I/O error, timeout,
+//! refused) marks the store down: from then on calls return `Unavailable` at once, without
+//! waiting, and a background task reconnects with backoff and marks it up again.
+//! Logging happens outside the state lock: pyo3-log calls into Python.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
+
+use crate::error::{CoreError, CoreResult};
+use crate::runtime;
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// Why a Redis call did not produce a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Unreachable, timed out, or marked down: serve from memory.
+    Unavailable(String),
+    /// The server answered with an error (OOM, wrong type, script error...).
+    Command(String),
+}
+
+impl From<StoreError> for CoreError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(msg) => CoreError::BackendUnavailable(msg),
+            StoreError::Command(msg) => CoreError::Backend(msg),
+        }
+    }
+}
+
+struct ConnState {
+    epoch: u64,
+    conn: Option<MultiplexedConnection>,
+    down: bool,
+    reconnecting: bool,
+    last_error: String,
+}
+
+pub struct RedisStore {
+    client: redis::Client,
+    config: RedisConfig,
+    /// URL without its password, for logs and stats.
+    pub display_url: String,
+    state: Mutex<ConnState>,
+    pub outages: AtomicU64,
+    me: Weak<RedisStore>,
+}
+
+/// Redis URL schemes tenuto accepts (redis-rs reads all of them).
+pub const SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
+
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { "***".into() };
+            format!("{}{}{}", &url[..scheme_end + 3], masked, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn is_outage(err: &RedisError) -> bool {
+    !matches!(
+        err.kind(),
+        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType | ErrorKind::Parse
+    )
+}
+
+impl RedisStore {
+    pub fn new(config: RedisConfig) -> CoreResult<Arc<Self>> {
+        if config.url.starts_with("rediss://") || config.url.starts_with("valkeys://") {
+            // rustls needs a process-wide crypto provider; a second install is a no-op error.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(config.url.as_str()).map_err(|err| {
+            CoreError::invalid(format!("invalid Redis URL {}: {err}", redact(&config.url)))
+        })?;
+        let display_url = redact(&config.url);
+        Ok(Arc::new_cyclic(|me| Self {
+            client,
+            config,
+            display_url,
+            state: Mutex::new(ConnState {
+                epoch: runtime::fork_epoch(),
+                conn: None,
+                down: false,
+                reconnecting: false,
+                last_error: String::new(),
+            }),
+            outages: AtomicU64::new(0),
+            me: me.clone(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let epoch = runtime::fork_epoch();
+        if state.epoch != epoch {
+            // Forked: the parent's connection and reconnect task belong to a runtime that
+            // does not run here. Leak the connection (its driver is gone) and start clean.
+            std::mem::forget(state.conn.take());
+            *state = ConnState {
+                epoch,
+                conn: None,
+                down: false,
+                reconnecting: false,
+                last_error: String::new(),
+            };
+        }
+        state
+    }
+
+    /// True while the store is marked down: callers go to memory without waiting.
+    pub fn is_down(&self) -> bool {
+        self.lock().down
+    }
+
+    pub fn last_error(&self) -> String {
+        self.lock().last_error.clone()
+    }
+
+    fn connection_config(&self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            .set_response_timeout(Some(self.config.command_timeout))
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
+        let config = self.connection_config();
+        let attempt = self.client.get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(format!(
+                "connect timed out after {:?}",
+                self.config.connect_timeout
+            )),
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        {
+            let state = self.lock();
+            if state.down {
+                return Err(StoreError::Unavailable(state.last_error.clone()));
+            }
+            if let Some(conn) = &state.conn {
+                return Ok(conn.clone());
+            }
+        }
+        match self.connect().await {
+            Ok(conn) => {
+                let mut state = self.lock();
+                // Another caller may have connected meanwhile; keep the first.
+                Ok(state.conn.get_or_insert(conn).clone())
+            }
+            Err(reason) => {
+                self.mark_down(reason.clone());
+                Err(StoreError::Unavailable(reason))
+            }
+        }
+    }
+
+    fn mark_down(&self, reason: String) {
+        let first = {
+            let mut state = self.lock();
+            state.conn = None;
+            state.last_error = reason.clone();
+            let first = !state.down;
+            state.down = true;
+            let start_reconnect = !state.reconnecting;
+            state.reconnecting = true;
+            if start_reconnect {
+                if let Some(me) = self.me.upgrade() {
+                    runtime::handle().spawn(reconnect_loop(Arc::downgrade(&me)));
+                }
+            }
+            first
+        };
+        if first {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "Redis at {} is unavailable ({reason}); serving from memory until it is back",
+                self.display_url
+            );
+        }
+    }
+
+    /// Runs one command (or pipeline) with the command timeout; outages mark the store down.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(self.config.command_timeout, op(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) if !is_outage(&err) => Err(StoreError::Command(err.to_string())),
+            Ok(Err(err)) => {
+                let reason = err.to_string();
+                self.mark_down(reason.clone());
+                Err(StoreError::Unavailable(reason))
+            }
+            Err(_) => {
+                let reason = format!("command timed out after {:?}", self.config.command_timeout);
+                self.mark_down(reason.clone());
+                Err(StoreError::Unavailable(reason))
+            }
+        }
+    }
+
+    pub async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+    }
+
+    pub async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|mut conn| async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await })
+            .await
+    }
+
+    /// SET with a TTL in seconds for every item, in one pipeline (one round trip).
+    pub async fn set_many(&self, items: Vec<(String, Vec<u8>, u64)>) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.run(|mut conn| async move {
+            let mut pipe = redis::pipe();
+            for (key, value, seconds) in items {
+                pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(seconds).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    pub async fn delete(&self, keys: Vec<String>) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.run(|mut conn| async move { redis::cmd("DEL").arg(keys).query_async(&mut conn).await })
+            .await
+    }
+
+    /// Deletes every key matching `pattern` with SCAN + UNLINK (never KEYS, which blocks the
+    /// server). Returns how many keys were removed.
+    pub async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let pattern = pattern.clone();
+            let (next, keys): (u64, Vec<String>) = self
+                .run(|mut conn| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                removed += self
+                    .run(|mut conn| async move {
+                        redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut conn).await
+                    })
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn ping(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(conn);
+        match tokio::time::timeout(self.config.command_timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("PING timed out".into()),
+        }
+    }
+}
+
+/// Escapes glob metacharacters so a namespace matches only itself in SCAN MATCH.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+async fn reconnect_loop(store: Weak<RedisStore>) {
+    let epoch = runtime::fork_epoch();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(store) = store.upgrade() else { return };
+        if runtime::fork_epoch() != epoch {
+            return;
+        }
+        let attempt = match store.connect().await {
+            Ok(mut conn) => store.ping(&mut conn).await.map(|_| conn),
+            Err(reason) => Err(reason),
+        };
+        match attempt {
+            Ok(conn) => {
+                {
+                    let mut state = store.lock();
+                    state.conn = Some(conn);
+                    state.down = false;
+                    state.reconnecting = false;
+                }
+                log::info!("Redis at {} is back; leaving memory fallback", store.display_url);
+                return;
+            }
+            Err(reason) => {
+                store.lock().last_error = reason;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(redact("redis://:secret@localhost:6379/0"), "redis://:***@localhost:6379/0");
+        assert_eq!(redact("redis://user:pw@h/1"), "redis://user:***@h/1");
+        assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
+    }
+
+    #[test]
+    fn glob_escape_neutralises_patterns() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn dead_port_is_unavailable_and_marked_down() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let store = RedisStore::new(RedisConfig {
+            url: format!("redis://127.0.0.1:{port}"),
+            connect_timeout: Duration::from_millis(200),
+            command_timeout: Duration::from_millis(500),
+        })
+        .unwrap();
+        let result = runtime::block_on(store.get("k".into()));
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        assert!(store.is_down());
+        assert_eq!(store.outages.load(Ordering::Relaxed), 1);
+        let again = runtime::block_on(store.get("k".into()));
+        assert!(matches!(again, Err(StoreError::Unavailable(_))));
+        assert_eq!(store.outages.load(Ordering::Relaxed), 1, "one outage, not one per call");
+    }
+}

@@ -1,0 +1,45 @@
+//! Deferred release of Python references held inside Rust containers.
+//!
+//! moka drops replaced and evicted values inside its own operations, possibly while it
+//! holds internal locks. Dropping a `Py<…>` there could run arbitrary Python (`__del__`,
+//! weakref callbacks) that re-enters the cache and deadlocks (cachebox issues 67, 68, 84).
+//! So values stored in Rust containers are wrapped in `Deferred`, whose drop only queues
+//! the reference; `release_pending` decrefs the queue at safe points (no Rust lock held).
+
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+
+static PENDING: Mutex<Vec<Py<PyAny>>> = Mutex::new(Vec::new());
+static HAS_PENDING: AtomicBool = AtomicBool::new(false);
+
+pub struct Deferred<T>(ManuallyDrop<Py<T>>);
+
+impl<T> Deferred<T> {
+    pub fn new(obj: Py<T>) -> Self {
+        Self(ManuallyDrop::new(obj))
+    }
+
+    pub fn get(&self) -> &Py<T> {
+        &self.0
+    }
+}
+
+impl<T> Drop for Deferred<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and never used again.
+        let obj = unsafe { ManuallyDrop::take(&mut self.0) }.into_any();
+        PENDING.lock().unwrap_or_else(|p| p.into_inner()).push(obj);
+        HAS_PENDING.store(true, Ordering::Release);
+    }
+}
+
+/// Drops queued references. Call only where no Rust lock is held.
+pub fn release_pending(_py: Python<'_>) {
+    if HAS_PENDING.swap(false, Ordering::AcqRel) {
+        let queued = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(queued);
+    }
+}

@@ -1,0 +1,41 @@
+//! tenuto's Rust core. Each mechanism lives in its own folder: a pure-Rust core (no pyo3)
+//! and, behind the `python` feature, a thin `py.rs` with its bindings. The one native
+//! module, `tenuto._core`, is declared at the bottom; `python/tenuto/__init__.py` decides
+//! the public names.
+
+pub mod cache;
+pub mod clock;
+pub mod codec;
+pub mod error;
+pub mod key;
+pub mod runtime;
+
+#[cfg(feature = "python")]
+mod graveyard;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule(gil_used = false)]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use crate::cache::py::{PyCache, PyEnvelope, PyLookup};
+    #[pymodule_export]
+    use crate::clock::py::PyFakeClock;
+    #[pymodule_export]
+    use crate::error::py::{BackendError, BackendUnavailable, TenutoError};
+    #[pymodule_export]
+    use crate::key::py::stable_key;
+    #[pymodule_export]
+    use crate::runtime::py::Ready;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        // Rust `log` records go to Python logging under the "tenuto" logger.
+        let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+            .filter_target("_core".to_owned(), log::LevelFilter::Trace)
+            .install();
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

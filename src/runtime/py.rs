@@ -1,0 +1,135 @@
+//! A small asyncio bridge over tenuto's own runtime.
+//!
+//! pyo3-async-runtimes' global runtime hangs a forked child on its first await, so tenuto
+//! bridges by hand: the Rust future runs on `runtime::handle()` (rebuilt after a fork), and
+//! its result reaches the asyncio future through `loop.call_soon_threadsafe`. Work that
+//! needs no I/O (a memory hit) returns a `Ready` awaitable instead: no loop round trip.
+
+use std::future::Future;
+
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyCFunction;
+
+/// An awaitable whose result is already known; `await` returns it without suspending.
+#[pyclass(frozen, module = "tenuto._core", name = "Ready")]
+pub struct Ready {
+    value: Py<PyAny>,
+}
+
+impl Ready {
+    pub fn new(value: Py<PyAny>) -> Self {
+        Self { value }
+    }
+}
+
+#[pymethods]
+impl Ready {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Err(PyStopIteration::new_err((self.value.clone_ref(py),)))
+    }
+
+    fn send(&self, py: Python<'_>, _value: Py<PyAny>) -> PyResult<Py<PyAny>> {
+        self.__next__(py)
+    }
+
+    #[pyo3(signature = (exc, *_rest))]
+    fn throw(&self, exc: Bound<'_, PyAny>, _rest: Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        Err(PyErr::from_value(exc))
+    }
+
+    fn close(&self) {}
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.value)
+    }
+}
+
+fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    GET_RUNNING_LOOP
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
+        })?
+        .bind(py)
+        .call0()
+}
+
+/// Sets a future's outcome unless it was cancelled meanwhile; runs on the loop's thread.
+fn resolver(py: Python<'_>) -> PyResult<&Bound<'_, PyCFunction>> {
+    static RESOLVER: PyOnceLock<Py<PyCFunction>> = PyOnceLock::new();
+    RESOLVER
+        .get_or_try_init(py, || {
+            let f = PyCFunction::new_closure(
+                py,
+                Some(c"_tenuto_resolve"),
+                None,
+                |args, _kwargs| -> PyResult<()> {
+                    let (future, ok, value): (Bound<'_, PyAny>, bool, Bound<'_, PyAny>) =
+                        args.extract()?;
+                    if future.call_method0("done")?.is_truthy()? {
+                        return Ok(());
+                    }
+                    let method = if ok { "set_result" } else { "set_exception" };
+                    future.call_method1(method, (value,))?;
+                    Ok(())
+                },
+            )?;
+            Ok::<_, PyErr>(f.unbind())
+        })
+        .map(|f| f.bind(py))
+}
+
+/// Runs `work` on tenuto's runtime and returns an asyncio future of the running loop that
+/// completes with `finish(output)`, which runs attached to Python on a runtime thread.
+pub fn spawn_for_asyncio<'py, F, T, C>(
+    py: Python<'py>,
+    work: F,
+    finish: C,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+{
+    let event_loop = get_running_loop(py)?;
+    let future = event_loop.call_method0("create_future")?;
+    let future_ref = future.clone().unbind();
+    let loop_ref = event_loop.unbind();
+    let handle = crate::runtime::handle();
+    handle.spawn(async move {
+        let output = work.await;
+        Python::attach(move |py| {
+            let (ok, value) = match finish(py, output) {
+                Ok(value) => (true, value),
+                Err(err) => (false, err.into_value(py).into_any()),
+            };
+            let delivered = resolver(py).and_then(|resolve| {
+                loop_ref
+                    .bind(py)
+                    .call_method1("call_soon_threadsafe", (resolve, future_ref, ok, value))
+            });
+            // A closed loop has nobody left to tell; anything else is a bug worth seeing.
+            if let Err(err) = delivered {
+                let closed = loop_ref
+                    .bind(py)
+                    .call_method0("is_closed")
+                    .and_then(|v| v.is_truthy())
+                    .unwrap_or(true);
+                if !closed {
+                    err.write_unraisable(py, None);
+                }
+            }
+        });
+    });
+    Ok(future)
+}

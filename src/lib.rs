@@ -32,8 +32,12 @@ mod _core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         // Rust `log` records go to Python logging under the "tenuto" logger.
-        let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
-            .filter_target("_core".to_owned(), log::LevelFilter::Trace)
+        // Only tenuto's own records: redis-rs and tokio trace logging would otherwise take
+        // the GIL on runtime threads for nothing. Levels are not cached, so changing the
+        // "tenuto" logger's level at run time takes effect (tenuto logs rare events only).
+        let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
+            .filter(log::LevelFilter::Off)
+            .filter_target("tenuto".to_owned(), log::LevelFilter::Trace)
             .install();
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())

@@ -271,7 +271,7 @@ impl CacheCore {
         Counters::bump(&self.counters.backend_errors);
         if self.fail_open {
             if let StoreError::Command(msg) = &err {
-                log::warn!("Redis command failed: {msg}; serving from memory");
+                log::warn!(target: "tenuto::cache", "Redis command failed: {msg}; serving from memory");
             }
             return Ok(());
         }
@@ -336,7 +336,7 @@ impl CacheCore {
             Err(reason) => {
                 let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                 if n % 100 == 0 {
-                    log::warn!("unreadable value under {:?} read as a miss: {reason}", self.redis_key(key));
+                    log::warn!(target: "tenuto::cache", "unreadable value under {:?} read as a miss: {reason}", self.redis_key(key));
                 }
                 self.counters.count_state(State::Miss);
                 Ok(PyLookup::miss())

@@ -196,6 +196,7 @@ impl RedisStore {
         if first {
             self.outages.fetch_add(1, Ordering::Relaxed);
             log::warn!(
+                target: "tenuto::cache",
                 "Redis at {} is unavailable ({reason}); serving from memory until it is back",
                 self.display_url
             );
@@ -338,7 +339,7 @@ async fn reconnect_loop(store: Weak<RedisStore>) {
                     state.down = false;
                     state.reconnecting = false;
                 }
-                log::info!("Redis at {} is back; leaving memory fallback", store.display_url);
+                log::info!(target: "tenuto::cache", "Redis at {} is back; leaving memory fallback", store.display_url);
                 return;
             }
             Err(reason) => {

@@ -38,7 +38,8 @@ impl<T> Drop for Deferred<T> {
 
 /// Drops queued references. Call only where no Rust lock is held.
 pub fn release_pending(_py: Python<'_>) {
-    if HAS_PENDING.swap(false, Ordering::AcqRel) {
+    // A plain load first: the common case (nothing queued) then writes no shared cache line.
+    if HAS_PENDING.load(Ordering::Relaxed) && HAS_PENDING.swap(false, Ordering::AcqRel) {
         let queued = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|p| p.into_inner()));
         drop(queued);
     }

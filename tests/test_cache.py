@@ -77,7 +77,9 @@ def test_get_many_and_set_many(cache: tenuto.Cache, clock) -> None:
     assert cache.get_many([]) == {}
 
 
-def test_delete_and_clear(cache: tenuto.Cache, backend: str, clock, namespace: str, request) -> None:
+def test_delete_and_clear(
+    cache: tenuto.Cache, backend: str, clock, namespace: str, request
+) -> None:
     cache.set("a", 1, ttl=10)
     cache.set("b", 2, ttl=10)
     assert cache.delete("a") is True
@@ -170,7 +172,12 @@ def test_jitter_spreads_ttls_within_bounds(clock) -> None:
 
 def test_envelope_and_lookup_types() -> None:
     env = tenuto.Envelope({"a": 1}, 10, 20, 30)
-    assert env.to_dict() == {"payload": {"a": 1}, "fetched_at": 10, "fresh_until": 20, "stale_until": 30}
+    assert env.to_dict() == {
+        "payload": {"a": 1},
+        "fetched_at": 10,
+        "fresh_until": 20,
+        "stale_until": 30,
+    }
     assert [env.state(t) for t in (20, 21, 30, 31)] == ["hit", "stale", "stale", "miss"]
     with pytest.raises(ValueError, match="fetched_at <= fresh_until"):
         tenuto.Envelope(None, 10, 5, 30)
@@ -191,7 +198,9 @@ def test_from_env(monkeypatch, redis_server) -> None:
 
 
 def test_valkey_scheme_and_password_redaction(redis_server) -> None:
-    cache = tenuto.Cache(f"valkey://127.0.0.1:{redis_server.port}/0", namespace="vk", fail_open=False)
+    cache = tenuto.Cache(
+        f"valkey://127.0.0.1:{redis_server.port}/0", namespace="vk", fail_open=False
+    )
     cache.set("k", 1, ttl=10)
     assert cache.get("k").value == 1
     secret = tenuto.Cache("redis://:hunter2@127.0.0.1:1/0")

@@ -12,11 +12,76 @@ sleeping.
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
 from typing import TYPE_CHECKING
 
 from tenuto._core import Cache, FakeClock
 
-__all__ = ["FakeClock", "tenuto_cache", "tenuto_clock"]
+__all__ = ["FakeClock", "RedisServer", "free_port", "tenuto_cache", "tenuto_clock"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` (or ``valkey-server``) on 127.0.0.1, for tests and
+    benchmarks: no persistence, loopback only; ``stop()`` and ``start()`` again on the
+    same port to simulate an outage."""
+
+    def __init__(self, binary: str | None = None, port: int | None = None) -> None:
+        found = binary or shutil.which("redis-server") or shutil.which("valkey-server")
+        if found is None:
+            raise FileNotFoundError("no redis-server or valkey-server on PATH")
+        self.binary = found
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+            if self._answers_ping():
+                return self
+            time.sleep(0.02)  # waiting for the server to listen, bounded by the deadline
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer PING within {timeout} s")
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 try:
     import pytest

@@ -32,7 +32,12 @@ impl<V> Entry<V> {
 struct ExpireAtStaleUntil;
 
 impl<V> Expiry<String, Arc<Entry<V>>> for ExpireAtStaleUntil {
-    fn expire_after_create(&self, _: &String, entry: &Arc<Entry<V>>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        entry: &Arc<Entry<V>>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(entry.keep_for)
     }
 

@@ -180,7 +180,14 @@ mod tests {
     fn no_jitter_stamps_exactly() {
         let policy = TtlPolicy::new(0.0).unwrap();
         let t = policy.stamp(1000, 300.0, Some(3600.0), || 0.9).unwrap();
-        assert_eq!(t, Times { fetched_at: 1000, fresh_until: 1300, stale_until: 4600 });
+        assert_eq!(
+            t,
+            Times {
+                fetched_at: 1000,
+                fresh_until: 1300,
+                stale_until: 4600
+            }
+        );
         let t = policy.stamp(1000, 300.0, None, || 0.9).unwrap();
         assert_eq!(t.stale_until, t.fresh_until, "no stale window by default");
     }
@@ -190,7 +197,9 @@ mod tests {
         let policy = TtlPolicy::new(0.1).unwrap();
         for (a, b) in [(0.0, 0.0), (0.999, 0.0), (0.0, 0.999), (0.5, 0.5)] {
             let mut samples = [a, b].into_iter();
-            let t = policy.stamp(0, 100.0, Some(105.0), || samples.next().unwrap()).unwrap();
+            let t = policy
+                .stamp(0, 100.0, Some(105.0), || samples.next().unwrap())
+                .unwrap();
             assert!((90..=110).contains(&t.fresh_until), "{t:?}");
             assert!(t.stale_until > t.fresh_until, "{t:?}");
         }

@@ -35,7 +35,12 @@ pub struct PyEnvelope {
 #[pymethods]
 impl PyEnvelope {
     #[new]
-    fn new(payload: Py<PyAny>, fetched_at: i64, fresh_until: i64, stale_until: i64) -> PyResult<Self> {
+    fn new(
+        payload: Py<PyAny>,
+        fetched_at: i64,
+        fresh_until: i64,
+        stale_until: i64,
+    ) -> PyResult<Self> {
         if !(fetched_at <= fresh_until && fresh_until <= stale_until) {
             return Err(PyValueError::new_err(
                 "envelope times must satisfy fetched_at <= fresh_until <= stale_until",
@@ -43,7 +48,11 @@ impl PyEnvelope {
         }
         Ok(Self {
             payload,
-            times: Times { fetched_at, fresh_until, stale_until },
+            times: Times {
+                fetched_at,
+                fresh_until,
+                stale_until,
+            },
         })
     }
 
@@ -126,7 +135,11 @@ pub struct PyLookup {
 
 impl PyLookup {
     fn miss() -> Self {
-        Self { state: State::Miss, envelope: None, stale_fallback: false }
+        Self {
+            state: State::Miss,
+            envelope: None,
+            stale_fallback: false,
+        }
     }
 }
 
@@ -215,12 +228,18 @@ fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
 
 fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     if value.cast::<PyBool>().is_ok() {
-        return Err(PyTypeError::new_err(format!("{name} must be a number of seconds, not bool")));
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a number of seconds, not bool"
+        )));
     }
     let seconds = value.extract::<f64>().map_err(|_| {
         PyTypeError::new_err(format!(
             "{name} must be a number of seconds, not {}",
-            value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })?;
     Ok(super::check_ttl(name, seconds)?)
@@ -281,13 +300,22 @@ impl CacheCore {
         })
     }
 
-    fn lookup_of(&self, py: Python<'_>, envelope: Py<PyEnvelope>, times: Times) -> PyResult<PyLookup> {
+    fn lookup_of(
+        &self,
+        py: Python<'_>,
+        envelope: Py<PyEnvelope>,
+        times: Times,
+    ) -> PyResult<PyLookup> {
         let state = times.state(self.clock.now_secs(py)?);
         self.counters.count_state(state);
         Ok(if state == State::Miss {
             PyLookup::miss()
         } else {
-            PyLookup { state, envelope: Some(envelope), stale_fallback: false }
+            PyLookup {
+                state,
+                envelope: Some(envelope),
+                stale_fallback: false,
+            }
         })
     }
 
@@ -310,7 +338,8 @@ impl CacheCore {
         let payload = match wire.codec.as_deref() {
             None => from_json(py, wire.payload.get())?,
             Some("pickle") if self.serializer == Serializer::Pickle => {
-                let text: String = serde_json::from_str(wire.payload.get()).map_err(|e| e.to_string())?;
+                let text: String =
+                    serde_json::from_str(wire.payload.get()).map_err(|e| e.to_string())?;
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(text)
                     .map_err(|e| e.to_string())?;
@@ -318,12 +347,28 @@ impl CacheCore {
                     .and_then(|m| m.call_method1("loads", (raw.as_slice(),)))
                     .map_err(|e| format!("unpickling failed: {e}"))?
             }
-            Some(other) => return Err(format!("payload codec {other:?} is not enabled on this cache")),
+            Some(other) => {
+                return Err(format!(
+                    "payload codec {other:?} is not enabled on this cache"
+                ))
+            }
         };
-        Py::new(py, PyEnvelope { payload: payload.unbind(), times }).map_err(|e| e.to_string())
+        Py::new(
+            py,
+            PyEnvelope {
+                payload: payload.unbind(),
+                times,
+            },
+        )
+        .map_err(|e| e.to_string())
     }
 
-    fn redis_lookup(&self, py: Python<'_>, key: &str, bytes: Option<Vec<u8>>) -> PyResult<PyLookup> {
+    fn redis_lookup(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> PyResult<PyLookup> {
         let Some(bytes) = bytes else {
             self.counters.count_state(State::Miss);
             return Ok(PyLookup::miss());
@@ -335,7 +380,7 @@ impl CacheCore {
             }
             Err(reason) => {
                 let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                if n % 100 == 0 {
+                if n.is_multiple_of(100) {
                     log::warn!(target: "tenuto::cache", "unreadable value under {:?} read as a miss: {reason}", self.redis_key(key));
                 }
                 self.counters.count_state(State::Miss);
@@ -344,7 +389,12 @@ impl CacheCore {
         }
     }
 
-    fn finish_get(&self, py: Python<'_>, key: &str, result: Result<Option<Vec<u8>>, StoreError>) -> PyResult<PyLookup> {
+    fn finish_get(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        result: Result<Option<Vec<u8>>, StoreError>,
+    ) -> PyResult<PyLookup> {
         match result {
             Ok(bytes) => self.redis_lookup(py, key, bytes),
             Err(err) => {
@@ -354,7 +404,12 @@ impl CacheCore {
         }
     }
 
-    fn stamp(&self, py: Python<'_>, ttl: &Bound<'_, PyAny>, stale_ttl: Option<&Bound<'_, PyAny>>) -> PyResult<(i64, Times)> {
+    fn stamp(
+        &self,
+        py: Python<'_>,
+        ttl: &Bound<'_, PyAny>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(i64, Times)> {
         let ttl = seconds_arg("ttl", ttl)?;
         let stale_ttl = match stale_ttl {
             Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
@@ -394,10 +449,20 @@ impl CacheCore {
         times: Times,
         for_redis: bool,
     ) -> PyResult<(Py<PyEnvelope>, Option<WireItem>)> {
-        let envelope = Py::new(py, PyEnvelope { payload: value.clone().unbind(), times })?;
+        let envelope = Py::new(
+            py,
+            PyEnvelope {
+                payload: value.clone().unbind(),
+                times,
+            },
+        )?;
         let wire = if for_redis {
             let (payload, codec) = self.encode_payload(value)?;
-            Some((self.redis_key(key), encode_envelope(&payload, times, codec), times.keep_for(now)))
+            Some((
+                self.redis_key(key),
+                encode_envelope(&payload, times, codec),
+                times.keep_for(now),
+            ))
         } else {
             None
         };
@@ -406,7 +471,10 @@ impl CacheCore {
 
     fn store_in_memory(&self, py: Python<'_>, key: &str, envelope: &Py<PyEnvelope>, now: i64) {
         let times = envelope.get().times;
-        self.memory.insert(key.to_owned(), Entry::new(Deferred::new(envelope.clone_ref(py)), times, now));
+        self.memory.insert(
+            key.to_owned(),
+            Entry::new(Deferred::new(envelope.clone_ref(py)), times, now),
+        );
     }
 
     /// After the Redis write: on failure (fail-open) keep the values in memory instead.
@@ -431,12 +499,19 @@ impl CacheCore {
                 }
             }
         }
-        self.counters.sets.fetch_add(written.len() as u64, Ordering::Relaxed);
+        self.counters
+            .sets
+            .fetch_add(written.len() as u64, Ordering::Relaxed);
         release_pending(py);
         Ok(())
     }
 
-    fn finish_delete(&self, py: Python<'_>, keys: &[String], result: Option<Result<u64, StoreError>>) -> PyResult<u64> {
+    fn finish_delete(
+        &self,
+        py: Python<'_>,
+        keys: &[String],
+        result: Option<Result<u64, StoreError>>,
+    ) -> PyResult<u64> {
         let mut removed = 0;
         for key in keys {
             removed += self.memory.remove(key) as u64;
@@ -447,7 +522,9 @@ impl CacheCore {
             Some(Err(err)) => self.absorb(err)?,
             None => {}
         }
-        self.counters.deletes.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.counters
+            .deletes
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
         Ok(removed)
     }
 }
@@ -475,7 +552,9 @@ fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
 
 fn timeout_arg(name: &str, seconds: f64) -> PyResult<Duration> {
     if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(PyValueError::new_err(format!("{name} must be a positive number of seconds, got {seconds}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a positive number of seconds, got {seconds}"
+        )));
     }
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -505,10 +584,14 @@ impl PyCache {
             return Err(PyValueError::new_err("namespace must not be empty"));
         }
         if max_entries < 1 {
-            return Err(PyValueError::new_err(format!("max_entries must be at least 1, got {max_entries}")));
+            return Err(PyValueError::new_err(format!(
+                "max_entries must be at least 1, got {max_entries}"
+            )));
         }
         if max_value_bytes < 1 {
-            return Err(PyValueError::new_err(format!("max_value_bytes must be at least 1, got {max_value_bytes}")));
+            return Err(PyValueError::new_err(format!(
+                "max_value_bytes must be at least 1, got {max_value_bytes}"
+            )));
         }
         let serializer = match serializer {
             "json" => Serializer::Json,
@@ -528,7 +611,10 @@ impl PyCache {
             })?),
             None => None,
         };
-        let url = redis.as_ref().map(|r| r.display_url.clone()).unwrap_or_else(|| "memory://".into());
+        let url = redis
+            .as_ref()
+            .map(|r| r.display_url.clone())
+            .unwrap_or_else(|| "memory://".into());
         Ok(Self {
             core: Arc::new(CacheCore {
                 namespace: namespace.to_string(),
@@ -548,14 +634,19 @@ impl PyCache {
     /// A cache on `TENUTO_URL`, else `REDIS_URL`, else memory; other options as for `Cache`.
     #[classmethod]
     #[pyo3(signature = (**kwargs))]
-    fn from_env<'py>(cls: &Bound<'py, pyo3::types::PyType>, kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+    fn from_env<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = cls.py();
         let kwargs = match kwargs {
             Some(k) => k.copy()?,
             None => PyDict::new(py),
         };
         if kwargs.contains("url")? {
-            return Err(PyTypeError::new_err("from_env() takes the URL from the environment; pass url= to Cache() instead"));
+            return Err(PyTypeError::new_err(
+                "from_env() takes the URL from the environment; pass url= to Cache() instead",
+            ));
         }
         let environ = py.import("os")?.getattr("environ")?;
         let mut url: Option<String> = None;
@@ -582,7 +673,11 @@ impl PyCache {
 
     #[getter]
     fn backend(&self) -> &'static str {
-        if self.core.redis.is_some() { "redis" } else { "memory" }
+        if self.core.redis.is_some() {
+            "redis"
+        } else {
+            "memory"
+        }
     }
 
     /// Look `key` up: a `Lookup` whose state is "hit", "stale" or "miss".
@@ -609,9 +704,13 @@ impl PyCache {
             Some(redis) => {
                 let core = Arc::clone(&self.core);
                 let rkey = core.redis_key(&key_text);
-                spawn_for_asyncio(py, async move { redis.get(rkey).await }, move |py, result| {
-                    Ok(Py::new(py, core.finish_get(py, &key_text, result)?)?.into_any())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.get(rkey).await },
+                    move |py, result| {
+                        Ok(Py::new(py, core.finish_get(py, &key_text, result)?)?.into_any())
+                    },
+                )
             }
         }
     }
@@ -630,7 +729,9 @@ impl PyCache {
         let (envelope, plan) = self.plan_set(py, key, value, ttl, stale_ttl)?;
         let (written, wire, now, redis) = plan;
         let result = match (redis, wire) {
-            (Some(redis), Some(wire)) => Some(py.detach(|| runtime::block_on(redis.set_many(vec![wire])))),
+            (Some(redis), Some(wire)) => {
+                Some(py.detach(|| runtime::block_on(redis.set_many(vec![wire]))))
+            }
             _ => None,
         };
         self.core.finish_set(py, &written, now, result)?;
@@ -651,10 +752,14 @@ impl PyCache {
         match (redis, wire) {
             (Some(redis), Some(wire)) => {
                 let core = Arc::clone(&self.core);
-                spawn_for_asyncio(py, async move { redis.set_many(vec![wire]).await }, move |py, result| {
-                    core.finish_set(py, &written, now, Some(result))?;
-                    Ok(envelope.into_any())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.set_many(vec![wire]).await },
+                    move |py, result| {
+                        core.finish_set(py, &written, now, Some(result))?;
+                        Ok(envelope.into_any())
+                    },
+                )
             }
             _ => {
                 self.core.finish_set(py, &written, now, None)?;
@@ -664,7 +769,11 @@ impl PyCache {
     }
 
     /// Look up many keys; Redis answers them in one MGET. Returns `{key: Lookup}`.
-    fn get_many<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn get_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let keys = key_list(keys)?;
         match self.core.route()? {
             None => self.core.memory_many(py, &keys),
@@ -676,7 +785,11 @@ impl PyCache {
         }
     }
 
-    fn aget_many<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn aget_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let keys = key_list(keys)?;
         match self.core.route()? {
             None => {
@@ -686,9 +799,11 @@ impl PyCache {
             Some(redis) => {
                 let core = Arc::clone(&self.core);
                 let rkeys = keys.iter().map(|k| core.redis_key(k)).collect();
-                spawn_for_asyncio(py, async move { redis.mget(rkeys).await }, move |py, result| {
-                    Ok(core.finish_many(py, &keys, result)?.into_any().unbind())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.mget(rkeys).await },
+                    move |py, result| Ok(core.finish_many(py, &keys, result)?.into_any().unbind()),
+                )
             }
         }
     }
@@ -702,7 +817,8 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let (envelopes, written, wires, now, redis) = self.plan_set_many(py, mapping, ttl, stale_ttl)?;
+        let (envelopes, written, wires, now, redis) =
+            self.plan_set_many(py, mapping, ttl, stale_ttl)?;
         let result = redis.map(|redis| py.detach(|| runtime::block_on(redis.set_many(wires))));
         self.core.finish_set(py, &written, now, result)?;
         Ok(envelopes)
@@ -716,15 +832,20 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (envelopes, written, wires, now, redis) = self.plan_set_many(py, mapping, ttl, stale_ttl)?;
+        let (envelopes, written, wires, now, redis) =
+            self.plan_set_many(py, mapping, ttl, stale_ttl)?;
         match redis {
             Some(redis) => {
                 let core = Arc::clone(&self.core);
                 let envelopes = envelopes.unbind();
-                spawn_for_asyncio(py, async move { redis.set_many(wires).await }, move |py, result| {
-                    core.finish_set(py, &written, now, Some(result))?;
-                    Ok(envelopes.into_any())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.set_many(wires).await },
+                    move |py, result| {
+                        core.finish_set(py, &written, now, Some(result))?;
+                        Ok(envelopes.into_any())
+                    },
+                )
             }
             None => {
                 self.core.finish_set(py, &written, now, None)?;
@@ -746,16 +867,24 @@ impl PyCache {
         Ok(self.core.finish_delete(py, &keys, result)? > 0)
     }
 
-    fn adelete<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    fn adelete<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let keys = vec![key_str(key)?.to_owned()];
         match self.core.route()? {
             Some(redis) => {
                 let core = Arc::clone(&self.core);
                 let rkeys = vec![core.redis_key(&keys[0])];
-                spawn_for_asyncio(py, async move { redis.delete(rkeys).await }, move |py, result| {
-                    let removed = core.finish_delete(py, &keys, Some(result))?;
-                    Ok(PyBool::new(py, removed > 0).to_owned().into_any().unbind())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.delete(rkeys).await },
+                    move |py, result| {
+                        let removed = core.finish_delete(py, &keys, Some(result))?;
+                        Ok(PyBool::new(py, removed > 0).to_owned().into_any().unbind())
+                    },
+                )
             }
             None => {
                 let removed = self.core.finish_delete(py, &keys, None)?;
@@ -779,10 +908,14 @@ impl PyCache {
             Some(redis) => {
                 let core = Arc::clone(&self.core);
                 let pattern = format!("{}:*", glob_escape(&core.namespace));
-                spawn_for_asyncio(py, async move { redis.delete_matching(pattern).await }, move |py, result| {
-                    core.finish_clear(py, Some(result))?;
-                    Ok(py.None())
-                })
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.delete_matching(pattern).await },
+                    move |py, result| {
+                        core.finish_clear(py, Some(result))?;
+                        Ok(py.None())
+                    },
+                )
             }
             None => {
                 self.core.finish_clear(py, None)?;
@@ -816,11 +949,30 @@ impl PyCache {
         d.set_item("errors", decode_errors + backend_errors)?;
         d.set_item("decode_errors", decode_errors)?;
         d.set_item("backend_errors", backend_errors)?;
-        d.set_item("outages", core.redis.as_ref().map_or(0, |r| r.outages.load(Ordering::Relaxed)))?;
+        d.set_item(
+            "outages",
+            core.redis
+                .as_ref()
+                .map_or(0, |r| r.outages.load(Ordering::Relaxed)),
+        )?;
         d.set_item("evictions", core.memory.evictions())?;
         d.set_item("size", size)?;
-        d.set_item("hit_rate", if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 })?;
-        d.set_item("stale_rate", if lookups == 0 { 0.0 } else { stale as f64 / lookups as f64 })?;
+        d.set_item(
+            "hit_rate",
+            if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
+        )?;
+        d.set_item(
+            "stale_rate",
+            if lookups == 0 {
+                0.0
+            } else {
+                stale as f64 / lookups as f64
+            },
+        )?;
         Ok(d)
     }
 
@@ -830,7 +982,10 @@ impl PyCache {
     }
 
     fn __repr__(&self) -> String {
-        format!("Cache(url={:?}, namespace={:?})", self.core.url, self.core.namespace)
+        format!(
+            "Cache(url={:?}, namespace={:?})",
+            self.core.url, self.core.namespace
+        )
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
@@ -840,9 +995,13 @@ impl PyCache {
 
 fn key_list(keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     if keys.cast::<PyString>().is_ok() {
-        return Err(PyTypeError::new_err("keys must be an iterable of str, not a single str"));
+        return Err(PyTypeError::new_err(
+            "keys must be an iterable of str, not a single str",
+        ));
     }
-    keys.try_iter()?.map(|k| Ok(key_str(&k?)?.to_owned())).collect()
+    keys.try_iter()?
+        .map(|k| Ok(key_str(&k?)?.to_owned()))
+        .collect()
 }
 
 type SetManyPlan<'py> = (
@@ -853,7 +1012,12 @@ type SetManyPlan<'py> = (
     Option<Arc<RedisStore>>,
 );
 
-type SetPlan = (Vec<(String, Py<PyEnvelope>)>, Option<WireItem>, i64, Option<Arc<RedisStore>>);
+type SetPlan = (
+    Vec<(String, Py<PyEnvelope>)>,
+    Option<WireItem>,
+    i64,
+    Option<Arc<RedisStore>>,
+);
 
 impl PyCache {
     fn plan_set(
@@ -865,10 +1029,14 @@ impl PyCache {
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(Py<PyEnvelope>, SetPlan)> {
         let key = key_str(key)?;
-        let ttl = ttl.ok_or_else(|| PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)"))?;
+        let ttl = ttl.ok_or_else(|| {
+            PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)")
+        })?;
         let (now, times) = self.core.stamp(py, ttl, stale_ttl)?;
         let for_redis = self.core.redis.is_some();
-        let (envelope, wire) = self.core.prepare_set(py, key, value, now, times, for_redis)?;
+        let (envelope, wire) = self
+            .core
+            .prepare_set(py, key, value, now, times, for_redis)?;
         let redis = if for_redis { self.core.route()? } else { None };
         let written = vec![(key.to_owned(), envelope.clone_ref(py))];
         Ok((envelope, (written, wire, now, redis)))
@@ -881,10 +1049,12 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<SetManyPlan<'py>> {
-        let ttl = ttl.ok_or_else(|| PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)"))?;
-        let items = mapping
-            .call_method0("items")
-            .map_err(|_| PyTypeError::new_err("set_many() takes a mapping of str keys to values"))?;
+        let ttl = ttl.ok_or_else(|| {
+            PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
+        })?;
+        let items = mapping.call_method0("items").map_err(|_| {
+            PyTypeError::new_err("set_many() takes a mapping of str keys to values")
+        })?;
         let for_redis = self.core.redis.is_some();
         let envelopes = PyDict::new(py);
         let mut written = Vec::new();
@@ -895,7 +1065,9 @@ impl PyCache {
             let key_text = key_str(&key)?;
             let (t, times) = self.core.stamp(py, ttl, stale_ttl)?;
             now = t;
-            let (envelope, wire) = self.core.prepare_set(py, key_text, &value, t, times, for_redis)?;
+            let (envelope, wire) = self
+                .core
+                .prepare_set(py, key_text, &value, t, times, for_redis)?;
             envelopes.set_item(&key, &envelope)?;
             written.push((key_text.to_owned(), envelope));
             wires.extend(wire);
@@ -935,7 +1107,11 @@ impl CacheCore {
         }
     }
 
-    fn finish_clear(&self, py: Python<'_>, result: Option<Result<u64, StoreError>>) -> PyResult<()> {
+    fn finish_clear(
+        &self,
+        py: Python<'_>,
+        result: Option<Result<u64, StoreError>>,
+    ) -> PyResult<()> {
         py.detach(|| self.memory.clear());
         release_pending(py);
         if let Some(Err(err)) = result {

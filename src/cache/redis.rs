@@ -68,7 +68,11 @@ pub fn redact(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { "***".into() };
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".into()
+            };
             format!("{}{}{}", &url[..scheme_end + 3], masked, &url[at..])
         }
         _ => url.to_string(),
@@ -78,7 +82,10 @@ pub fn redact(url: &str) -> String {
 fn is_outage(err: &RedisError) -> bool {
     !matches!(
         err.kind(),
-        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType | ErrorKind::Parse
+        ErrorKind::Server(_)
+            | ErrorKind::Extension
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Parse
     )
 }
 
@@ -143,7 +150,9 @@ impl RedisStore {
 
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let config = self.connection_config();
-        let attempt = self.client.get_multiplexed_async_connection_with_config(&config);
+        let attempt = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
         match tokio::time::timeout(self.config.connect_timeout, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(err.to_string()),
@@ -235,8 +244,10 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(|mut conn| async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await })
-            .await
+        self.run(
+            |mut conn| async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await },
+        )
+        .await
     }
 
     /// SET with a TTL in seconds for every item, in one pipeline (one round trip).
@@ -247,7 +258,12 @@ impl RedisStore {
         self.run(|mut conn| async move {
             let mut pipe = redis::pipe();
             for (key, value, seconds) in items {
-                pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(seconds).ignore();
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(seconds)
+                    .ignore();
             }
             pipe.query_async::<()>(&mut conn).await
         })
@@ -284,7 +300,10 @@ impl RedisStore {
             if !keys.is_empty() {
                 removed += self
                     .run(|mut conn| async move {
-                        redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut conn).await
+                        redis::cmd("UNLINK")
+                            .arg(keys)
+                            .query_async::<u64>(&mut conn)
+                            .await
                     })
                     .await?;
             }
@@ -356,7 +375,10 @@ mod tests {
 
     #[test]
     fn redact_hides_passwords_only() {
-        assert_eq!(redact("redis://:secret@localhost:6379/0"), "redis://:***@localhost:6379/0");
+        assert_eq!(
+            redact("redis://:secret@localhost:6379/0"),
+            "redis://:***@localhost:6379/0"
+        );
         assert_eq!(redact("redis://user:pw@h/1"), "redis://user:***@h/1");
         assert_eq!(redact("redis://localhost:6379"), "redis://localhost:6379");
     }
@@ -378,11 +400,18 @@ mod tests {
         })
         .unwrap();
         let result = runtime::block_on(store.get("k".into()));
-        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
         assert!(store.is_down());
         assert_eq!(store.outages.load(Ordering::Relaxed), 1);
         let again = runtime::block_on(store.get("k".into()));
         assert!(matches!(again, Err(StoreError::Unavailable(_))));
-        assert_eq!(store.outages.load(Ordering::Relaxed), 1, "one outage, not one per call");
+        assert_eq!(
+            store.outages.load(Ordering::Relaxed),
+            1,
+            "one outage, not one per call"
+        );
     }
 }

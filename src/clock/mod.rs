@@ -76,7 +76,11 @@ mod tests {
         clock.advance_nanos(600_000_000);
         assert_eq!(clock.now_secs(), 1_700_000_001);
         clock.set_nanos(-1);
-        assert_eq!(clock.now_secs(), -1, "seconds round down, also before the epoch");
+        assert_eq!(
+            clock.now_secs(),
+            -1,
+            "seconds round down, also before the epoch"
+        );
     }
 
     #[test]

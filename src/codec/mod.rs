@@ -21,7 +21,9 @@ pub fn write_python_float(out: &mut String, x: f64) {
     // Rust's `{:e}` gives the shortest round-tripping digits, as Python's repr does;
     // only the layout differs.
     let sci = format!("{x:e}");
-    let (mantissa, exponent) = sci.split_once('e').expect("LowerExp always has an exponent");
+    let (mantissa, exponent) = sci
+        .split_once('e')
+        .expect("LowerExp always has an exponent");
     let exponent: i32 = exponent.parse().expect("LowerExp exponent is an integer");
     let (negative, mantissa) = match mantissa.strip_prefix('-') {
         Some(rest) => (true, rest),
@@ -125,7 +127,11 @@ pub fn write_json_utf16_ascii(out: &mut String, units: &[u16]) {
 
 /// The envelope as stored in Redis: one JSON object, payload first. `codec` is present
 /// only for opt-in pickle payloads (a base64 string then).
-pub fn encode_envelope(payload_json: &str, times: crate::cache::Times, codec: Option<&str>) -> Vec<u8> {
+pub fn encode_envelope(
+    payload_json: &str,
+    times: crate::cache::Times,
+    codec: Option<&str>,
+) -> Vec<u8> {
     let mut out = String::with_capacity(payload_json.len() + 96);
     out.push_str("{\"payload\":");
     out.push_str(payload_json);
@@ -235,7 +241,11 @@ mod tests {
 
     #[test]
     fn envelope_round_trips() {
-        let times = crate::cache::Times { fetched_at: 1, fresh_until: 2, stale_until: 3 };
+        let times = crate::cache::Times {
+            fetched_at: 1,
+            fresh_until: 2,
+            stale_until: 3,
+        };
         let bytes = encode_envelope("{\"a\":[1,2]}", times, None);
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
@@ -246,7 +256,8 @@ mod tests {
         assert_eq!(decoded.payload.get(), "{\"a\":[1,2]}");
         assert!(decode_envelope(b"not json").is_err());
         assert!(decode_envelope(br#"{"payload":1}"#).is_err());
-        let floats = decode_envelope(br#"{"payload":1,"fetched_at":1.9,"fresh_until":2,"stale_until":3}"#);
+        let floats =
+            decode_envelope(br#"{"payload":1,"fetched_at":1.9,"fresh_until":2,"stale_until":3}"#);
         assert_eq!(floats.unwrap().fetched_at, 1);
     }
 }

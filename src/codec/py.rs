@@ -71,7 +71,11 @@ fn write_int(out: &mut String, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(n) => out.push_str(&n.to_string()),
         // Big ints (and int subclasses such as IntEnum): int.__repr__, as json does.
         Err(_) => {
-            let repr = obj.py().get_type::<PyInt>().getattr("__repr__")?.call1((obj,))?;
+            let repr = obj
+                .py()
+                .get_type::<PyInt>()
+                .getattr("__repr__")?
+                .call1((obj,))?;
             out.push_str(repr.cast::<PyString>()?.to_str()?);
         }
     }
@@ -124,7 +128,10 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 fn utf8_of<'a>(obj: &'a Bound<'_, PyAny>) -> &'a str {
-    obj.cast::<PyString>().ok().and_then(|s| s.to_str().ok()).unwrap_or("")
+    obj.cast::<PyString>()
+        .ok()
+        .and_then(|s| s.to_str().ok())
+        .unwrap_or("")
 }
 
 fn write_dict(
@@ -135,9 +142,11 @@ fn write_dict(
 ) -> PyResult<()> {
     let mut items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)> = dict.iter().collect();
     if dialect.sort_keys && items.len() > 1 {
-        let all_utf8_str = items
-            .iter()
-            .all(|(k, _)| k.cast::<PyString>().map(|s| s.to_str().is_ok()).unwrap_or(false));
+        let all_utf8_str = items.iter().all(|(k, _)| {
+            k.cast::<PyString>()
+                .map(|s| s.to_str().is_ok())
+                .unwrap_or(false)
+        });
         if all_utf8_str {
             // UTF-8 byte order is code point order, which is how Python compares str.
             items.sort_by(|(a, _), (b, _)| utf8_of(a).cmp(utf8_of(b)));
@@ -258,11 +267,15 @@ impl<'de, 'py> Visitor<'de> for PySeed<'py> {
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(v.into_pyobject(self.0).unwrap_or_else(|never| match never {}).into_any())
+        Ok(v.into_pyobject(self.0)
+            .unwrap_or_else(|never| match never {})
+            .into_any())
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(v.into_pyobject(self.0).unwrap_or_else(|never| match never {}).into_any())
+        Ok(v.into_pyobject(self.0)
+            .unwrap_or_else(|never| match never {})
+            .into_any())
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
@@ -285,7 +298,8 @@ impl<'de, 'py> Visitor<'de> for PySeed<'py> {
         let dict = PyDict::new(self.0);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let value = map.next_value_seed(PySeed(self.0))?;
-            dict.set_item(PyString::new(self.0, &key), value).map_err(py_err)?;
+            dict.set_item(PyString::new(self.0, &key), value)
+                .map_err(py_err)?;
         }
         Ok(dict.into_any())
     }

@@ -45,7 +45,9 @@ pub fn handle() -> Handle {
         }
     });
     let epoch = fork_epoch();
-    let mut slot = RUNTIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = RUNTIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(owned) = slot.as_ref() {
         if owned.epoch == epoch {
             return owned.runtime.handle().clone();

@@ -1,0 +1,74 @@
+"""Developer sessions. `nox -s tests` is what CI and the README run.
+
+The extension is built once per session as a release wheel in `dist/` (cargo skips the
+work when nothing changed) and installed like a user would install it; the tests then run
+against the installed wheel, not the source tree.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.23", "hypothesis>=6", "redis>=5"]
+WEB_DEPS = ["flask>=2.2", "fastapi>=0.100", "httpx"]
+
+
+def install_wheel(session: nox.Session) -> None:
+    """Builds the release wheel (once; cargo reuses its build) and installs it."""
+    shutil.rmtree("dist", ignore_errors=True)
+    session.install("maturin>=1.8,<2")
+    session.run("maturin", "build", "--release", "--out", "dist", external=False)
+    wheels = glob.glob("dist/tenuto-*.whl")
+    if len(wheels) != 1:
+        session.error(f"expected one wheel in dist/, found {wheels}")
+    session.install("--force-reinstall", "--no-deps", wheels[0])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Rust unit tests, then the Python suite against the installed wheel."""
+    session.run("cargo", "test", "--no-default-features", "--quiet", external=True)
+    install_wheel(session)
+    session.install(*TEST_DEPS)
+    # python/ is not on sys.path here, so `import tenuto` is the installed wheel.
+    session.run("pytest", "-q", *session.posargs, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """clippy, rustfmt, ruff, and the type stubs checked against the built module."""
+    session.run("cargo", "fmt", "--check", external=True)
+    session.run("cargo", "clippy", "--all-targets", "--", "-D", "warnings", external=True)
+    session.run(
+        "cargo",
+        "clippy",
+        "--all-targets",
+        "--no-default-features",
+        "--",
+        "-D",
+        "warnings",
+        external=True,
+    )
+    session.install("ruff", "mypy")
+    session.run("ruff", "check", "python", "tests", "noxfile.py", "benches", "examples")
+    session.run("ruff", "format", "--check", "python", "tests", "noxfile.py", "benches", "examples")
+    install_wheel(session)
+    session.install(*TEST_DEPS)
+    session.run("python", "-m", "mypy.stubtest", "tenuto._core")
+    session.run("mypy", "--strict", "tests/typing_check.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against peers and lower bounds in one run; prints ratios."""
+    install_wheel(session)
+    session.install("redis>=5")
+    env = {"TENUTO_BENCH_OUT": os.environ.get("TENUTO_BENCH_OUT", "")}
+    session.run("python", "benches/bench_cache.py", *session.posargs, env=env)

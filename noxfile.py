@@ -61,8 +61,17 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", "python", "tests", "noxfile.py", "benches", "examples")
     install_wheel(session)
     session.install(*TEST_DEPS)
-    session.run("python", "-m", "mypy.stubtest", "tenuto._core")
+    session.run(
+        "python", "-m", "mypy.stubtest", "tenuto._core", "--allowlist", "stubtest-allowlist.txt"
+    )
     session.run("mypy", "--strict", "tests/typing_check.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's demo on the embedded memory backend."""
+    install_wheel(session)
+    session.run("python", "examples/demo.py")
 
 
 @nox.session

@@ -3,6 +3,19 @@
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any, Final, Literal, final
 
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "Cache",
+    "Envelope",
+    "FakeClock",
+    "Lookup",
+    "Ready",
+    "TenutoError",
+    "__version__",
+    "stable_key",
+]
+
 __version__: Final[str]
 
 _State = Literal["hit", "stale", "miss"]
@@ -28,7 +41,7 @@ class Envelope:
     def stale_until(self) -> int: ...
     def state(self, now: int) -> _State: ...
     def to_dict(self) -> dict[str, Any]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
 
 @final
 class Lookup:

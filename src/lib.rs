@@ -4,9 +4,11 @@
 //! the public names.
 
 pub mod cache;
+pub mod cached;
 pub mod clock;
 pub mod codec;
 pub mod error;
+pub mod flight;
 pub mod key;
 pub mod runtime;
 
@@ -21,9 +23,15 @@ mod _core {
     #[pymodule_export]
     use crate::cache::py::{PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
+    use crate::cached::py::{
+        current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState,
+    };
+    #[pymodule_export]
     use crate::clock::py::PyFakeClock;
     #[pymodule_export]
     use crate::error::py::{BackendError, BackendUnavailable, TenutoError};
+    #[pymodule_export]
+    use crate::flight::py::{PyFlight, PyFlightGroup};
     #[pymodule_export]
     use crate::key::py::stable_key;
     #[pymodule_export]

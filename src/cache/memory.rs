@@ -52,8 +52,12 @@ impl<V> Expiry<String, Arc<Entry<V>>> for ExpireAtStaleUntil {
     }
 }
 
+/// foldhash instead of SipHash: keys are hashes or app-chosen names, and lookups are the
+/// hot path (SipHash was ~6 % of a decorated hit in `perf`).
+type Hasher = foldhash::fast::RandomState;
+
 pub struct MemoryStore<V: Send + Sync + 'static> {
-    entries: moka::sync::Cache<String, Arc<Entry<V>>>,
+    entries: moka::sync::Cache<String, Arc<Entry<V>>, Hasher>,
     evictions: Arc<AtomicU64>,
 }
 
@@ -72,7 +76,7 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(Hasher::default());
         Self { entries, evictions }
     }
 

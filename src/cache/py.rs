@@ -128,9 +128,9 @@ fn state_str(py: Python<'_>, state: State) -> Bound<'_, PyString> {
 /// payload (None on a miss); `envelope` the whole entry (None on a miss).
 #[pyclass(frozen, module = "tenuto._core", name = "Lookup")]
 pub struct PyLookup {
-    state: State,
-    envelope: Option<Py<PyEnvelope>>,
-    stale_fallback: bool,
+    pub(crate) state: State,
+    pub(crate) envelope: Option<Py<PyEnvelope>>,
+    pub(crate) stale_fallback: bool,
 }
 
 impl PyLookup {
@@ -145,6 +145,28 @@ impl PyLookup {
 
 #[pymethods]
 impl PyLookup {
+    /// A lookup result, e.g. for a value served by a decorator (`stale_fallback=True`
+    /// when a stale value was served because the fetch failed).
+    #[new]
+    #[pyo3(signature = (state, envelope = None, stale_fallback = false))]
+    fn new(state: &str, envelope: Option<Py<PyEnvelope>>, stale_fallback: bool) -> PyResult<Self> {
+        let state = match state {
+            "hit" => State::Hit,
+            "stale" => State::Stale,
+            "miss" => State::Miss,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "state must be \"hit\", \"stale\" or \"miss\", got {other:?}"
+                )))
+            }
+        };
+        Ok(Self {
+            state,
+            envelope,
+            stale_fallback,
+        })
+    }
+
     #[getter]
     fn state<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
         state_str(py, self.state)
@@ -207,13 +229,33 @@ pub struct CacheCore {
     namespace: String,
     url: String,
     policy: TtlPolicy,
-    clock: PyClock,
-    memory: MemoryStore<Stored>,
-    redis: Option<Arc<RedisStore>>,
+    pub(crate) clock: PyClock,
+    pub(crate) memory: MemoryStore<Stored>,
+    pub(crate) redis: Option<Arc<RedisStore>>,
     serializer: Serializer,
     max_value_bytes: usize,
     fail_open: bool,
-    counters: Counters,
+    pub(crate) counters: Counters,
+}
+
+/// What the decorator's fast path learns from memory: the value of a fresh hit (counted),
+/// or nothing (not counted; the slow path looks again and counts).
+pub(crate) fn memory_hit(
+    core: &CacheCore,
+    py: Python<'_>,
+    key: &str,
+) -> PyResult<Option<Py<PyAny>>> {
+    let Some(entry) = core.memory.get(key) else {
+        return Ok(None);
+    };
+    if entry.times.state(core.clock.now_secs(py)?) != State::Hit {
+        return Ok(None);
+    }
+    core.counters.count_state(State::Hit);
+    let value = entry.value.get().get().payload.clone_ref(py);
+    drop(entry);
+    release_pending(py);
+    Ok(Some(value))
 }
 
 fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
@@ -532,7 +574,7 @@ impl CacheCore {
 /// A keyed envelope cache on memory or Redis/Valkey, with fail-open fallback to memory.
 #[pyclass(frozen, module = "tenuto._core", name = "Cache")]
 pub struct PyCache {
-    core: Arc<CacheCore>,
+    pub(crate) core: Arc<CacheCore>,
 }
 
 fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
@@ -981,6 +1023,149 @@ impl PyCache {
         Ok(self.core.redis_key(key_str(key)?))
     }
 
+    /// Decorator caching a function's results in this cache, for sync and `async def`
+    /// functions alike (see `tenuto.Cache.cached` in the README).
+    #[pyo3(signature = (
+        ttl, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
+        *, lock_ttl = 30.0, wait_timeout = 8.0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn cached<'py>(
+        slf: &Bound<'py, Self>,
+        ttl: &Bound<'py, PyAny>,
+        stale_ttl: Option<&Bound<'py, PyAny>>,
+        name: Option<&Bound<'py, PyAny>>,
+        key: Option<&Bound<'py, PyAny>>,
+        negative: Option<&Bound<'py, PyAny>>,
+        distributed: Option<bool>,
+        lock_ttl: f64,
+        wait_timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("ttl", ttl)?;
+        kwargs.set_item("stale_ttl", stale_ttl)?;
+        kwargs.set_item("name", name)?;
+        kwargs.set_item("key", key)?;
+        kwargs.set_item("negative", negative)?;
+        kwargs.set_item("distributed", distributed)?;
+        kwargs.set_item("lock_ttl", lock_ttl)?;
+        kwargs.set_item("wait_timeout", wait_timeout)?;
+        py.import("tenuto._cached")?
+            .getattr("decorator")?
+            .call((slf,), Some(&kwargs))
+    }
+
+    /// The cache clock's time in whole epoch seconds.
+    fn now(&self, py: Python<'_>) -> PyResult<i64> {
+        self.core.clock.now_secs(py)
+    }
+
+    /// Distributed single-flight lock `{namespace}:lock:{key}` (Redis only). Returns the
+    /// token when taken, None when another process holds it, and "" when Redis cannot be
+    /// asked (fail open: proceed without the lock).
+    fn _lock(&self, py: Python<'_>, key: &str, ttl: f64) -> PyResult<Option<String>> {
+        let Some((redis, lock_key, token, ttl)) = self.core.lock_plan(key, ttl)? else {
+            return Ok(Some(String::new()));
+        };
+        let attempt = token.clone();
+        let taken = py.detach(|| runtime::block_on(redis.try_lock(lock_key, attempt, ttl)));
+        Ok(self.core.finish_lock(taken, token))
+    }
+
+    fn _alock<'py>(&self, py: Python<'py>, key: &str, ttl: f64) -> PyResult<Bound<'py, PyAny>> {
+        let Some((redis, lock_key, token, ttl)) = self.core.lock_plan(key, ttl)? else {
+            let no_lock = PyString::new(py, "").into_any().unbind();
+            return Ok(Bound::new(py, Ready::new(no_lock))?.into_any());
+        };
+        let core = Arc::clone(&self.core);
+        let attempt = token.clone();
+        let work = async move { redis.try_lock(lock_key, attempt, ttl).await };
+        spawn_for_asyncio(py, work, move |py, taken| {
+            let outcome = core.finish_lock(taken, token);
+            Ok(outcome.into_pyobject(py)?.into_any().unbind())
+        })
+    }
+
+    /// Releases the lock if `token` still holds it.
+    fn _unlock(&self, py: Python<'_>, key: &str, token: &str) -> bool {
+        let Some(redis) = self.core.redis.clone().filter(|_| !token.is_empty()) else {
+            return false;
+        };
+        let (lock_key, token) = (self.core.lock_key(key), token.to_owned());
+        let result = py.detach(|| runtime::block_on(redis.unlock(lock_key, token)));
+        self.core.finish_unlock(result)
+    }
+
+    fn _aunlock<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        token: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let Some(redis) = self.core.redis.clone().filter(|_| !token.is_empty()) else {
+            let nothing = PyBool::new(py, false).to_owned().into_any().unbind();
+            return Ok(Bound::new(py, Ready::new(nothing))?.into_any());
+        };
+        let core = Arc::clone(&self.core);
+        let (lock_key, token) = (core.lock_key(key), token.to_owned());
+        spawn_for_asyncio(
+            py,
+            async move { redis.unlock(lock_key, token).await },
+            move |py, result| {
+                let deleted = core.finish_unlock(result);
+                Ok(PyBool::new(py, deleted).to_owned().into_any().unbind())
+            },
+        )
+    }
+
+    /// Waits up to `timeout` seconds for another process's write of `key` made at or after
+    /// epoch second `since`: its Lookup, or None (timed out, or that process gave up).
+    fn _wait_for_write(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        since: i64,
+        timeout: f64,
+    ) -> PyResult<Option<PyLookup>> {
+        let Some(redis) = self.core.redis.clone() else {
+            return Ok(None);
+        };
+        let (rkey, lock_key) = (self.core.redis_key(key), self.core.lock_key(key));
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let result = py.detach(|| {
+            runtime::block_on(redis.wait_for_write(rkey, lock_key, timeout, written_since(since)))
+        });
+        self.core.finish_wait(py, key, result)
+    }
+
+    fn _await_for_write<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        since: i64,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let Some(redis) = self.core.redis.clone() else {
+            return Ok(Bound::new(py, Ready::new(py.None()))?.into_any());
+        };
+        let core = Arc::clone(&self.core);
+        let (rkey, lock_key, key) = (core.redis_key(key), core.lock_key(key), key.to_owned());
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let work = async move {
+            redis
+                .wait_for_write(rkey, lock_key, timeout, written_since(since))
+                .await
+        };
+        spawn_for_asyncio(py, work, move |py, result| {
+            Ok(core
+                .finish_wait(py, &key, result)?
+                .into_pyobject(py)?
+                .into_any()
+                .unbind())
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Cache(url={:?}, namespace={:?})",
@@ -1077,7 +1262,63 @@ impl PyCache {
     }
 }
 
+/// Accepts a stored envelope fetched at or after epoch second `since`.
+fn written_since(since: i64) -> impl Fn(&[u8]) -> bool + Send {
+    move |bytes| decode_envelope(bytes).is_ok_and(|wire| wire.fetched_at >= since)
+}
+
+type LockPlan = (Arc<RedisStore>, String, String, Duration);
+
 impl CacheCore {
+    fn lock_key(&self, key: &str) -> String {
+        format!("{}:lock:{key}", self.namespace)
+    }
+
+    /// None when there is no Redis to lock on (memory cache, or Redis marked down).
+    fn lock_plan(&self, key: &str, ttl: f64) -> PyResult<Option<LockPlan>> {
+        let ttl = timeout_arg("lock_ttl", ttl)?;
+        let Some(redis) = self.redis.clone().filter(|r| !r.is_down()) else {
+            return Ok(None);
+        };
+        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        Ok(Some((redis, self.lock_key(key), token, ttl)))
+    }
+
+    fn finish_lock(&self, taken: Result<bool, StoreError>, token: String) -> Option<String> {
+        match taken {
+            Ok(true) => Some(token),
+            Ok(false) => None,
+            // Lock errors fail open: proceed as if this process held the lock.
+            Err(_) => {
+                Counters::bump(&self.counters.backend_errors);
+                Some(String::new())
+            }
+        }
+    }
+
+    fn finish_unlock(&self, result: Result<bool, StoreError>) -> bool {
+        result.unwrap_or_else(|_| {
+            Counters::bump(&self.counters.backend_errors);
+            false
+        })
+    }
+
+    fn finish_wait(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        result: Result<Option<Vec<u8>>, StoreError>,
+    ) -> PyResult<Option<PyLookup>> {
+        match result {
+            Ok(Some(bytes)) => Ok(Some(self.redis_lookup(py, key, Some(bytes))?)),
+            Ok(None) => Ok(None),
+            Err(_) => {
+                Counters::bump(&self.counters.backend_errors);
+                Ok(None)
+            }
+        }
+    }
+
     fn memory_many<'py>(&self, py: Python<'py>, keys: &[String]) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
         for key in keys {

@@ -314,6 +314,77 @@ impl RedisStore {
         }
     }
 
+    /// `SET lock token NX PX ttl`: true when this caller now holds the lock.
+    pub async fn try_lock(
+        &self,
+        lock_key: String,
+        token: String,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let millis = ttl.as_millis().max(1) as u64;
+        let reply: Option<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(lock_key)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    /// Deletes the lock only if it still holds `token` (it may have expired and been
+    /// taken by another process meanwhile).
+    pub async fn unlock(&self, lock_key: String, token: String) -> Result<bool, StoreError> {
+        static COMPARE_AND_DELETE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = COMPARE_AND_DELETE.get_or_init(|| {
+            redis::Script::new(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
+            )
+        });
+        let deleted: u64 = self
+            .run(|mut conn| async move {
+                script
+                    .key(lock_key)
+                    .arg(token)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    /// Waits (polling with backoff, never spinning) until `key` holds a value that `accept`
+    /// takes, or the lock is gone without one (the leader failed), or `timeout` passes.
+    pub async fn wait_for_write(
+        &self,
+        key: String,
+        lock_key: String,
+        timeout: Duration,
+        accept: impl Fn(&[u8]) -> bool + Send,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let keys = vec![key.clone(), lock_key.clone()];
+            let mut values = self.mget(keys).await?.into_iter();
+            let (value, lock) = (values.next().flatten(), values.next().flatten());
+            if let Some(value) = value.filter(|v| accept(v)) {
+                return Ok(Some(value));
+            }
+            let now = tokio::time::Instant::now();
+            if lock.is_none() || now >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
     async fn ping(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(conn);

@@ -179,7 +179,8 @@ fn write_dict(
     Ok(())
 }
 
-fn write_value(
+/// Appends `obj` as JSON text in `dialect`.
+pub fn write_value(
     out: &mut String,
     obj: &Bound<'_, PyAny>,
     dialect: JsonDialect,

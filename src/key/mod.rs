@@ -8,15 +8,17 @@ pub mod py;
 
 /// Formats a key from a name and the canonical JSON text of its data.
 pub fn key_from_json(name: &str, canonical_json: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(canonical_json.as_bytes());
+    let mut hex = [0u8; 64];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[(byte >> 4) as usize];
+        pair[1] = HEX[(byte & 0xF) as usize];
+    }
     let mut key = String::with_capacity(name.len() + 1 + 64);
     key.push_str(name);
     key.push(':');
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for byte in digest {
-        key.push(HEX[(byte >> 4) as usize] as char);
-        key.push(HEX[(byte & 0xF) as usize] as char);
-    }
+    key.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
     key
 }
 

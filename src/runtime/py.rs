@@ -54,7 +54,7 @@ impl Ready {
     }
 }
 
-fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+pub(crate) fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     GET_RUNNING_LOOP
         .get_or_try_init(py, || {
@@ -89,6 +89,30 @@ fn resolver(py: Python<'_>) -> PyResult<&Bound<'_, PyCFunction>> {
         .map(|f| f.bind(py))
 }
 
+/// Completes `future` (of `event_loop`) with `value` (or raises it when `ok` is false) on
+/// the loop's own thread; safe to call from any thread, attached to Python.
+pub(crate) fn resolve_soon(
+    event_loop: &Bound<'_, PyAny>,
+    future: &Bound<'_, PyAny>,
+    ok: bool,
+    value: Bound<'_, PyAny>,
+) {
+    let py = event_loop.py();
+    let delivered = resolver(py).and_then(|resolve| {
+        event_loop.call_method1("call_soon_threadsafe", (resolve, future, ok, value))
+    });
+    // A closed loop has nobody left to tell; anything else is a bug worth seeing.
+    if let Err(err) = delivered {
+        let closed = event_loop
+            .call_method0("is_closed")
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(true);
+        if !closed {
+            err.write_unraisable(py, None);
+        }
+    }
+}
+
 /// Runs `work` on tenuto's runtime and returns an asyncio future of the running loop that
 /// completes with `finish(output)`, which runs attached to Python on a runtime thread.
 pub fn spawn_for_asyncio<'py, F, T, C>(
@@ -110,25 +134,10 @@ where
         let output = work.await;
         Python::attach(move |py| {
             let (ok, value) = match finish(py, output) {
-                Ok(value) => (true, value),
-                Err(err) => (false, err.into_value(py).into_any()),
+                Ok(value) => (true, value.into_bound(py)),
+                Err(err) => (false, err.into_value(py).into_any().into_bound(py)),
             };
-            let delivered = resolver(py).and_then(|resolve| {
-                loop_ref
-                    .bind(py)
-                    .call_method1("call_soon_threadsafe", (resolve, future_ref, ok, value))
-            });
-            // A closed loop has nobody left to tell; anything else is a bug worth seeing.
-            if let Err(err) = delivered {
-                let closed = loop_ref
-                    .bind(py)
-                    .call_method0("is_closed")
-                    .and_then(|v| v.is_truthy())
-                    .unwrap_or(true);
-                if !closed {
-                    err.write_unraisable(py, None);
-                }
-            }
+            resolve_soon(loop_ref.bind(py), future_ref.bind(py), ok, value);
         });
     });
     Ok(future)

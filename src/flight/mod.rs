@@ -1,0 +1,332 @@
+//! Single-flight: concurrent callers of one key share one execution.
+//!
+//! The first caller of a key becomes the leader and gets a `LeaderGuard`; later callers
+//! get the `Flight` and wait for its outcome, blocking (threads) or through a callback
+//! (asyncio futures). The outcome, value or error, goes to every waiter; nothing is kept
+//! after the flight lands (the key leaves the map when the leader finishes). A leader that
+//! goes away without finishing (cancelled task, dropped guard) ends the flight as
+//! `Abandoned`, and the waiters start over: one of them becomes the next leader.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+#[cfg(feature = "python")]
+pub mod py;
+
+#[derive(Debug)]
+pub enum Outcome<V> {
+    Value(V),
+    Error(V),
+    Abandoned,
+}
+
+type Callback<V> = Box<dyn FnOnce(Arc<Outcome<V>>) + Send>;
+
+pub struct Flight<V> {
+    state: Mutex<FlightState<V>>,
+    landed: Condvar,
+    /// The thread that started the flight: a blocking wait there would wait for itself.
+    pub leader_thread: std::thread::ThreadId,
+}
+
+struct FlightState<V> {
+    outcome: Option<Arc<Outcome<V>>>,
+    callbacks: Vec<Callback<V>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<V> Flight<V> {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(FlightState {
+                outcome: None,
+                callbacks: Vec::new(),
+            }),
+            landed: Condvar::new(),
+            leader_thread: std::thread::current().id(),
+        }
+    }
+
+    /// Blocks until the flight lands.
+    pub fn wait(&self) -> Arc<Outcome<V>> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(outcome) = &state.outcome {
+                return Arc::clone(outcome);
+            }
+            state = self.landed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until the flight lands or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Arc<Outcome<V>>> {
+        let state = lock(&self.state);
+        let (state, _) = self
+            .landed
+            .wait_timeout_while(state, timeout, |s| s.outcome.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        state.outcome.clone()
+    }
+
+    /// Calls `callback` with the outcome when the flight lands (at once if it has). The
+    /// callback runs outside every lock, on the thread that lands the flight.
+    pub fn on_landed(&self, callback: impl FnOnce(Arc<Outcome<V>>) + Send + 'static) {
+        let mut state = lock(&self.state);
+        match &state.outcome {
+            Some(outcome) => {
+                let outcome = Arc::clone(outcome);
+                drop(state);
+                callback(outcome);
+            }
+            None => state.callbacks.push(Box::new(callback)),
+        }
+    }
+
+    pub fn has_landed(&self) -> bool {
+        lock(&self.state).outcome.is_some()
+    }
+}
+
+pub struct SingleFlight<V> {
+    flights: Mutex<HashMap<String, Arc<Flight<V>>>>,
+}
+
+pub enum Joined<V> {
+    Leader(LeaderGuard<V>),
+    Follower(Arc<Flight<V>>),
+}
+
+impl<V> Default for SingleFlight<V> {
+    fn default() -> Self {
+        Self {
+            flights: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<V> SingleFlight<V> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Joins the flight of `key`, starting it (as leader) when there is none.
+    pub fn join(self: &Arc<Self>, key: &str) -> Joined<V> {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(key) {
+            return Joined::Follower(Arc::clone(flight));
+        }
+        let flight = Arc::new(Flight::new());
+        flights.insert(key.to_owned(), Arc::clone(&flight));
+        Joined::Leader(LeaderGuard {
+            group: Arc::clone(self),
+            key: key.to_owned(),
+            flight,
+            landed: false,
+        })
+    }
+
+    pub fn is_in_flight(&self, key: &str) -> bool {
+        lock(&self.flights).contains_key(key)
+    }
+
+    /// Keys in flight now; 0 when idle (no per-key state is left behind).
+    pub fn len(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct LeaderGuard<V> {
+    group: Arc<SingleFlight<V>>,
+    key: String,
+    flight: Arc<Flight<V>>,
+    landed: bool,
+}
+
+impl<V> LeaderGuard<V> {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn flight(&self) -> &Arc<Flight<V>> {
+        &self.flight
+    }
+
+    /// Lands the flight: every waiter gets `outcome`.
+    pub fn land(mut self, outcome: Outcome<V>) {
+        self.land_with(outcome);
+    }
+
+    fn land_with(&mut self, outcome: Outcome<V>) {
+        if self.landed {
+            return;
+        }
+        self.landed = true;
+        // Leave the map first, so a caller arriving now starts a new flight rather than
+        // joining one that has ended.
+        let removed = {
+            let mut flights = lock(&self.group.flights);
+            match flights.get(&self.key) {
+                Some(current) if Arc::ptr_eq(current, &self.flight) => flights.remove(&self.key),
+                _ => None,
+            }
+        };
+        drop(removed);
+        let outcome = Arc::new(outcome);
+        let callbacks = {
+            let mut state = lock(&self.flight.state);
+            state.outcome = Some(Arc::clone(&outcome));
+            std::mem::take(&mut state.callbacks)
+        };
+        self.flight.landed.notify_all();
+        for callback in callbacks {
+            callback(Arc::clone(&outcome));
+        }
+    }
+}
+
+impl<V> Drop for LeaderGuard<V> {
+    fn drop(&mut self) {
+        self.land_with(Outcome::Abandoned);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::thread;
+
+    /// Runs `f` through the group the way a caller does: lead, or wait and retry when the
+    /// leader abandons.
+    fn run(
+        group: &Arc<SingleFlight<u32>>,
+        key: &str,
+        f: impl Fn() -> Result<u32, u32>,
+    ) -> Result<u32, u32> {
+        loop {
+            match group.join(key) {
+                Joined::Leader(guard) => {
+                    let result = f();
+                    guard.land(match result {
+                        Ok(v) => Outcome::Value(v),
+                        Err(e) => Outcome::Error(e),
+                    });
+                    return result;
+                }
+                Joined::Follower(flight) => match &*flight.wait() {
+                    Outcome::Value(v) => return Ok(*v),
+                    Outcome::Error(e) => return Err(*e),
+                    Outcome::Abandoned => continue,
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn one_execution_for_many_threads() {
+        let group: Arc<SingleFlight<u32>> = SingleFlight::new();
+        let Joined::Leader(guard) = group.join("k") else {
+            unreachable!()
+        };
+        let calls = Arc::new(AtomicUsize::new(1)); // the leader's execution
+        let handles: Vec<_> = (0..31)
+            .map(|_| {
+                let (group, calls) = (group.clone(), calls.clone());
+                thread::spawn(move || {
+                    run(&group, "k", || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        Ok(0)
+                    })
+                })
+            })
+            .collect();
+        // Land only once all 31 threads hold the flight (map + guard + 31 followers).
+        while Arc::strong_count(guard.flight()) < 33 {
+            thread::yield_now();
+        }
+        guard.land(Outcome::Value(7));
+        for h in handles {
+            assert_eq!(h.join().unwrap(), Ok(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one execution");
+        assert!(group.is_empty(), "no per-key state after the flight");
+    }
+
+    #[test]
+    fn error_goes_to_every_waiter_and_is_not_kept() {
+        let group: Arc<SingleFlight<u32>> = SingleFlight::new();
+        let Joined::Leader(guard) = group.join("k") else {
+            panic!("first is leader")
+        };
+        let Joined::Follower(flight) = group.join("k") else {
+            panic!("second follows")
+        };
+        let seen = Arc::new(Mutex::new(None));
+        let sink = seen.clone();
+        flight.on_landed(move |o| *sink.lock().unwrap() = Some(matches!(*o, Outcome::Error(5))));
+        guard.land(Outcome::Error(5));
+        assert!(matches!(*flight.wait(), Outcome::Error(5)));
+        assert_eq!(*seen.lock().unwrap(), Some(true));
+        assert!(
+            matches!(group.join("k"), Joined::Leader(_)),
+            "a failure is not cached"
+        );
+    }
+
+    #[test]
+    fn dropped_leader_abandons_and_a_waiter_takes_over() {
+        let group: Arc<SingleFlight<u32>> = SingleFlight::new();
+        let guard = match group.join("k") {
+            Joined::Leader(g) => g,
+            Joined::Follower(_) => unreachable!(),
+        };
+        let g2 = group.clone();
+        let waiter = thread::spawn(move || run(&g2, "k", || Ok(9)));
+        // Wait until the waiter has joined (it holds a clone of the flight).
+        while Arc::strong_count(guard.flight()) < 3 {
+            thread::yield_now();
+        }
+        drop(guard);
+        assert_eq!(
+            waiter.join().unwrap(),
+            Ok(9),
+            "the waiter led the next flight"
+        );
+        assert!(group.is_empty());
+    }
+
+    #[test]
+    fn late_callback_runs_at_once_and_timeout_wait_returns_none() {
+        let group: Arc<SingleFlight<u32>> = SingleFlight::new();
+        let Joined::Leader(guard) = group.join("k") else {
+            unreachable!()
+        };
+        let flight = guard.flight().clone();
+        assert!(flight.wait_timeout(Duration::from_millis(1)).is_none());
+        guard.land(Outcome::Value(1));
+        let hit = Arc::new(AtomicUsize::new(0));
+        let h = hit.clone();
+        flight.on_landed(move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(hit.load(Ordering::SeqCst), 1);
+        assert!(flight.has_landed());
+    }
+
+    #[test]
+    fn many_distinct_keys_leave_nothing_behind() {
+        let group: Arc<SingleFlight<u32>> = SingleFlight::new();
+        for i in 0..100_000 {
+            run(&group, &format!("k{i}"), || Ok(i)).unwrap();
+        }
+        assert!(group.is_empty());
+    }
+}

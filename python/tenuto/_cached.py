@@ -188,16 +188,21 @@ class CachedFunction(_CachedBase):
                 self._cache.delete(self._negative_key(key))
         return envelope
 
-    def _refresh_in_background(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup) -> None:
+    def _refresh_in_background(
+        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
+    ) -> None:
         leader, flight = self._flights._group.join(key)
         if not leader:
             return  # a refresh (or a load) of this key is already running
+        flight.hand_off()
         try:
             _refresh_pool().submit(self._run_refresh, flight, key, args, kwargs, found)
         except RuntimeError:  # the pool is shut down (interpreter exit)
             flight.abandon()
 
-    def _run_refresh(self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup) -> None:
+    def _run_refresh(
+        self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
+    ) -> None:
         try:
             loaded = self._load(key, args, kwargs, found)
         except Exception as exc:
@@ -246,7 +251,9 @@ class AsyncCachedFunction(_CachedBase):
         if found.state == "stale":
             self._refresh_in_background(key, args, kwargs, found)
             return found
-        loaded = await self._flights.ado(key, lambda: self._aload(key, args, kwargs, found, recheck=True))
+        loaded = await self._flights.ado(
+            key, lambda: self._aload(key, args, kwargs, found, recheck=True)
+        )
         return Lookup("miss", loaded.envelope, loaded.stale_fallback)
 
     async def _aload(
@@ -292,11 +299,15 @@ class AsyncCachedFunction(_CachedBase):
                 await self._cache.adelete(self._negative_key(key))
         return envelope
 
-    def _refresh_in_background(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup) -> None:
+    def _refresh_in_background(
+        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
+    ) -> None:
         leader, flight = self._flights._group.join(key)
         if not leader:
             return
-        task = asyncio.get_running_loop().create_task(self._run_refresh(flight, key, args, kwargs, found))
+        task = asyncio.get_running_loop().create_task(
+            self._run_refresh(flight, key, args, kwargs, found)
+        )
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
 
@@ -412,7 +423,9 @@ def decorator(
     return decorate
 
 
-def _bind_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _bind_arguments(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)

@@ -55,10 +55,12 @@ class SingleFlight:
     def in_flight(self, key: str) -> bool:
         return self._group.in_flight(key)
 
+    def followers(self, key: str) -> int:
+        """How many callers wait on the flight of `key` now (0 when none is in flight)."""
+        return self._group.followers(key)
+
     def __len__(self) -> int:
         return len(self._group)
 
     def __repr__(self) -> str:
         return f"<SingleFlight, {len(self)} keys in flight>"
-
-

@@ -26,13 +26,16 @@ type Callback<V> = Box<dyn FnOnce(Arc<Outcome<V>>) + Send>;
 pub struct Flight<V> {
     state: Mutex<FlightState<V>>,
     landed: Condvar,
-    /// The thread that started the flight: a blocking wait there would wait for itself.
-    pub leader_thread: std::thread::ThreadId,
+    /// How many callers joined this flight as followers (for stats and tests).
+    followers: std::sync::atomic::AtomicUsize,
 }
 
 struct FlightState<V> {
     outcome: Option<Arc<Outcome<V>>>,
     callbacks: Vec<Callback<V>>,
+    /// The thread the leader runs on, while known: a blocking wait there would wait for
+    /// itself. Cleared when the leader hands the work to another thread.
+    leader_thread: Option<std::thread::ThreadId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,10 +48,26 @@ impl<V> Flight<V> {
             state: Mutex::new(FlightState {
                 outcome: None,
                 callbacks: Vec::new(),
+                leader_thread: Some(std::thread::current().id()),
             }),
             landed: Condvar::new(),
-            leader_thread: std::thread::current().id(),
+            followers: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    pub fn followers(&self) -> usize {
+        self.followers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The leader's work continues on another thread (a pool, a runtime).
+    pub fn hand_off(&self) {
+        lock(&self.state).leader_thread = None;
+    }
+
+    /// True if waiting for this flight on the current thread could never end.
+    pub fn would_wait_for_itself(&self) -> bool {
+        let state = lock(&self.state);
+        state.outcome.is_none() && state.leader_thread == Some(std::thread::current().id())
     }
 
     /// Blocks until the flight lands.
@@ -117,6 +136,9 @@ impl<V> SingleFlight<V> {
     pub fn join(self: &Arc<Self>, key: &str) -> Joined<V> {
         let mut flights = lock(&self.flights);
         if let Some(flight) = flights.get(key) {
+            flight
+                .followers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Joined::Follower(Arc::clone(flight));
         }
         let flight = Arc::new(Flight::new());
@@ -127,6 +149,11 @@ impl<V> SingleFlight<V> {
             flight,
             landed: false,
         })
+    }
+
+    /// Followers of the flight of `key` so far (0 when none is in flight).
+    pub fn followers(&self, key: &str) -> usize {
+        lock(&self.flights).get(key).map_or(0, |f| f.followers())
     }
 
     pub fn is_in_flight(&self, key: &str) -> bool {

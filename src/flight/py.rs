@@ -56,7 +56,7 @@ impl PyFlightGroup {
             match self.core.join(key) {
                 Joined::Leader(guard) => return lead(py, guard, func),
                 Joined::Follower(flight) => {
-                    if flight.leader_thread == std::thread::current().id() && !flight.has_landed() {
+                    if flight.would_wait_for_itself() {
                         return Err(would_deadlock());
                     }
                     let outcome = py.detach(|| flight.wait());
@@ -93,6 +93,11 @@ impl PyFlightGroup {
 
     fn in_flight(&self, key: &str) -> bool {
         self.core.is_in_flight(key)
+    }
+
+    /// How many callers are waiting on the flight of `key` (0 when none is in flight).
+    fn followers(&self, key: &str) -> usize {
+        self.core.followers(key)
     }
 
     fn __len__(&self) -> usize {
@@ -169,7 +174,7 @@ impl PyFlight {
     /// Blocks (GIL released) until the flight lands: `(kind, value)` with kind
     /// `"value"`, `"error"` or `"abandoned"`.
     fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        if self.flight.leader_thread == std::thread::current().id() && !self.flight.has_landed() {
+        if self.flight.would_wait_for_itself() {
             return Err(would_deadlock());
         }
         let flight = Arc::clone(&self.flight);
@@ -210,6 +215,12 @@ impl PyFlight {
             })
         });
         Ok(future)
+    }
+
+    /// Declares that the leader's work runs on another thread from now on (so a blocking
+    /// wait on this thread is fine).
+    fn hand_off(&self) {
+        self.flight.hand_off();
     }
 
     #[getter]

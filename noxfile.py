@@ -16,8 +16,19 @@ import nox
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.23", "hypothesis>=6", "redis>=5"]
-WEB_DEPS = ["flask>=2.2", "fastapi>=0.100", "httpx"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-asyncio>=0.23",
+    "hypothesis>=6",
+    "redis>=5",
+    # The web integrations, their test clients, and real servers for the examples.
+    "flask>=2.2",
+    "fastapi>=0.100",
+    "httpx",
+    "httpx2",
+    "gunicorn",
+    "uvicorn",
+]
 
 
 def install_wheel(session: nox.Session) -> None:

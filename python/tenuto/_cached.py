@@ -154,7 +154,7 @@ class CachedFunction(_CachedBase):
         recheck: bool = False,
     ) -> _Loaded:
         if recheck:  # a flight that landed just before this one may have stored it
-            again = self._cache.get(key)
+            again = self._cache._peek(key)
             if again.state == "hit":
                 return _Loaded(again.value, again.envelope, False)
         token = ""
@@ -265,7 +265,7 @@ class AsyncCachedFunction(_CachedBase):
         recheck: bool = False,
     ) -> _Loaded:
         if recheck:
-            again = await self._cache.aget(key)
+            again = await self._cache._apeek(key)
             if again.state == "hit":
                 return _Loaded(again.value, again.envelope, False)
         token = ""

@@ -347,9 +347,12 @@ impl CacheCore {
         py: Python<'_>,
         envelope: Py<PyEnvelope>,
         times: Times,
+        count: bool,
     ) -> PyResult<PyLookup> {
         let state = times.state(self.clock.now_secs(py)?);
-        self.counters.count_state(state);
+        if count {
+            self.counters.count_state(state);
+        }
         Ok(if state == State::Miss {
             PyLookup::miss()
         } else {
@@ -361,12 +364,14 @@ impl CacheCore {
         })
     }
 
-    fn memory_lookup(&self, py: Python<'_>, key: &str) -> PyResult<PyLookup> {
+    fn memory_lookup(&self, py: Python<'_>, key: &str, count: bool) -> PyResult<PyLookup> {
         let found = self.memory.get(key);
         let lookup = match found {
-            Some(entry) => self.lookup_of(py, entry.value.get().clone_ref(py), entry.times),
+            Some(entry) => self.lookup_of(py, entry.value.get().clone_ref(py), entry.times, count),
             None => {
-                self.counters.count_state(State::Miss);
+                if count {
+                    self.counters.count_state(State::Miss);
+                }
                 Ok(PyLookup::miss())
             }
         };
@@ -410,22 +415,27 @@ impl CacheCore {
         py: Python<'_>,
         key: &str,
         bytes: Option<Vec<u8>>,
+        count: bool,
     ) -> PyResult<PyLookup> {
         let Some(bytes) = bytes else {
-            self.counters.count_state(State::Miss);
+            if count {
+                self.counters.count_state(State::Miss);
+            }
             return Ok(PyLookup::miss());
         };
         match self.decode(py, &bytes) {
             Ok(envelope) => {
                 let times = envelope.get().times;
-                self.lookup_of(py, envelope, times)
+                self.lookup_of(py, envelope, times, count)
             }
             Err(reason) => {
                 let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                 if n.is_multiple_of(100) {
                     log::warn!(target: "tenuto::cache", "unreadable value under {:?} read as a miss: {reason}", self.redis_key(key));
                 }
-                self.counters.count_state(State::Miss);
+                if count {
+                    self.counters.count_state(State::Miss);
+                }
                 Ok(PyLookup::miss())
             }
         }
@@ -436,12 +446,13 @@ impl CacheCore {
         py: Python<'_>,
         key: &str,
         result: Result<Option<Vec<u8>>, StoreError>,
+        count: bool,
     ) -> PyResult<PyLookup> {
         match result {
-            Ok(bytes) => self.redis_lookup(py, key, bytes),
+            Ok(bytes) => self.redis_lookup(py, key, bytes, count),
             Err(err) => {
                 self.absorb(err)?;
-                self.memory_lookup(py, key)
+                self.memory_lookup(py, key, count)
             }
         }
     }
@@ -724,37 +735,20 @@ impl PyCache {
 
     /// Look `key` up: a `Lookup` whose state is "hit", "stale" or "miss".
     fn get(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyLookup> {
-        let core = &self.core;
-        let key = key_str(key)?;
-        match core.route()? {
-            None => core.memory_lookup(py, key),
-            Some(redis) => {
-                let rkey = core.redis_key(key);
-                let result = py.detach(|| runtime::block_on(redis.get(rkey)));
-                core.finish_get(py, key, result)
-            }
-        }
+        self.lookup(py, key, true)
     }
 
     fn aget<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let key_text = key_str(key)?.to_owned();
-        match self.core.route()? {
-            None => {
-                let lookup = self.core.memory_lookup(py, &key_text)?;
-                Ok(Bound::new(py, Ready::new(Py::new(py, lookup)?.into_any()))?.into_any())
-            }
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let rkey = core.redis_key(&key_text);
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.get(rkey).await },
-                    move |py, result| {
-                        Ok(Py::new(py, core.finish_get(py, &key_text, result)?)?.into_any())
-                    },
-                )
-            }
-        }
+        self.alookup(py, key, true)
+    }
+
+    /// `get` without counting it in `stats()` (a second look by the same caller).
+    fn _peek(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyLookup> {
+        self.lookup(py, key, false)
+    }
+
+    fn _apeek<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.alookup(py, key, false)
     }
 
     /// Store `value` under `key`, fresh for `ttl` seconds and servable as stale until
@@ -1205,6 +1199,45 @@ type SetPlan = (
 );
 
 impl PyCache {
+    fn lookup(&self, py: Python<'_>, key: &Bound<'_, PyAny>, count: bool) -> PyResult<PyLookup> {
+        let core = &self.core;
+        let key = key_str(key)?;
+        match core.route()? {
+            None => core.memory_lookup(py, key, count),
+            Some(redis) => {
+                let rkey = core.redis_key(key);
+                let result = py.detach(|| runtime::block_on(redis.get(rkey)));
+                core.finish_get(py, key, result, count)
+            }
+        }
+    }
+
+    fn alookup<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+        count: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let key_text = key_str(key)?.to_owned();
+        match self.core.route()? {
+            None => {
+                let lookup = self.core.memory_lookup(py, &key_text, count)?;
+                Ok(Bound::new(py, Ready::new(Py::new(py, lookup)?.into_any()))?.into_any())
+            }
+            Some(redis) => {
+                let core = Arc::clone(&self.core);
+                let rkey = core.redis_key(&key_text);
+                spawn_for_asyncio(
+                    py,
+                    async move { redis.get(rkey).await },
+                    move |py, result| {
+                        Ok(Py::new(py, core.finish_get(py, &key_text, result, count)?)?.into_any())
+                    },
+                )
+            }
+        }
+    }
+
     fn plan_set(
         &self,
         py: Python<'_>,
@@ -1310,7 +1343,7 @@ impl CacheCore {
         result: Result<Option<Vec<u8>>, StoreError>,
     ) -> PyResult<Option<PyLookup>> {
         match result {
-            Ok(Some(bytes)) => Ok(Some(self.redis_lookup(py, key, Some(bytes))?)),
+            Ok(Some(bytes)) => Ok(Some(self.redis_lookup(py, key, Some(bytes), true)?)),
             Ok(None) => Ok(None),
             Err(_) => {
                 Counters::bump(&self.counters.backend_errors);
@@ -1322,7 +1355,7 @@ impl CacheCore {
     fn memory_many<'py>(&self, py: Python<'py>, keys: &[String]) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
         for key in keys {
-            out.set_item(key, self.memory_lookup(py, key)?)?;
+            out.set_item(key, self.memory_lookup(py, key, true)?)?;
         }
         Ok(out)
     }
@@ -1337,7 +1370,7 @@ impl CacheCore {
             Ok(values) => {
                 let out = PyDict::new(py);
                 for (key, bytes) in keys.iter().zip(values) {
-                    out.set_item(key, self.redis_lookup(py, key, bytes)?)?;
+                    out.set_item(key, self.redis_lookup(py, key, bytes, true)?)?;
                 }
                 Ok(out)
             }

@@ -1,0 +1,80 @@
+"""Flask integration: `X-Cache` / `X-Data-Stale` headers from the cached calls each request
+made, and an optional stats view.
+
+    app = Flask(__name__)
+    cache = tenuto.Cache.from_env()
+    Tenuto(app, cache=cache)                       # or Tenuto(cache=cache).init_app(app)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, abort, g, jsonify
+
+from tenuto._core import Cache, RequestState, _request_var, current_state
+
+__all__ = ["Tenuto"]
+
+
+class Tenuto:
+    """Opens a request scope around every request; after it, sets
+    `X-Cache: hit|miss|stale` (the worst state of the request's cached calls) and
+    `X-Data-Stale: 1` when stale data was served. Responses of requests that made no cached
+    call get no header.
+
+    `stats_path` (off by default) adds a JSON view of `cache.stats()`, served only when
+    `stats_guard()` returns true: the view tells how the app's caches behave, so guard it.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        cache: Cache | None = None,
+        *,
+        stats_path: str | None = None,
+        stats_guard: Callable[[], bool] | None = None,
+    ) -> None:
+        if stats_path is not None and cache is None:
+            raise ValueError("stats_path needs cache=")
+        if stats_path is not None and stats_guard is None:
+            raise ValueError("stats_path needs stats_guard= (a function returning True to allow)")
+        self.cache = cache
+        self.stats_path = stats_path
+        self.stats_guard = stats_guard
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["tenuto"] = self
+        app.before_request(self._open_scope)
+        app.after_request(self._set_headers)
+        app.teardown_request(self._close_scope)
+        if self.stats_path is not None:
+            app.add_url_rule(self.stats_path, "tenuto_stats", self._stats_view)
+
+    @staticmethod
+    def _open_scope() -> None:
+        g._tenuto_scope = _request_var().set(RequestState())
+
+    @staticmethod
+    def _set_headers(response: Response) -> Response:
+        state = current_state()
+        if state is not None:
+            response.headers["X-Cache"] = state
+            if state == "stale":
+                response.headers["X-Data-Stale"] = "1"
+        return response
+
+    @staticmethod
+    def _close_scope(_exc: BaseException | None) -> None:
+        token = g.pop("_tenuto_scope", None)
+        if token is not None:
+            _request_var().reset(token)
+
+    def _stats_view(self) -> Any:
+        assert self.cache is not None and self.stats_guard is not None
+        if not self.stats_guard():
+            abort(403)
+        return jsonify(self.cache.stats())

@@ -1,0 +1,220 @@
+"""Flask and FastAPI integrations through their test clients, and the example apps under
+real servers (gunicorn --preload with 2 workers, uvicorn) on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import tenuto
+from tenuto.testing import FakeClock, free_port
+
+flask = pytest.importorskip("flask")
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_flask_app(cache: tenuto.Cache):
+    from tenuto.flask import Tenuto
+
+    app = flask.Flask("t")
+    allow = {"stats": True}
+    Tenuto(app, cache=cache, stats_path="/stats", stats_guard=lambda: allow["stats"])
+
+    @cache.cached(ttl=10, stale_ttl=100)
+    def song(sid: str) -> dict:
+        return {"id": sid}
+
+    @app.get("/song/<sid>")
+    def song_view(sid: str):
+        return flask.jsonify(song(sid))
+
+    @app.get("/two/<a>/<b>")
+    def two_view(a: str, b: str):
+        return flask.jsonify([song(a), song(b)])
+
+    @app.get("/plain")
+    def plain_view():
+        return "no cache here"
+
+    return app, allow, song
+
+
+def test_flask_headers(clock: FakeClock) -> None:
+    cache = tenuto.Cache(jitter=0.0, clock=clock)
+    app, allow, song = make_flask_app(cache)
+    client = app.test_client()
+    first = client.get("/song/1")
+    assert first.json == {"id": "1"} and first.headers["X-Cache"] == "miss"
+    assert "X-Data-Stale" not in first.headers
+    assert client.get("/song/1").headers["X-Cache"] == "hit"
+    assert client.get("/two/1/2").headers["X-Cache"] == "miss", "miss outranks hit"
+    assert "X-Cache" not in client.get("/plain").headers
+    clock.advance(11)
+    stale = client.get("/song/1")
+    assert stale.headers["X-Cache"] == "stale" and stale.headers["X-Data-Stale"] == "1"
+    leader, flight = song._flights._group.join(song.key("1"))  # let the refresh land
+    flight.abandon() if leader else flight.wait()
+
+
+def test_flask_stats_view_is_guarded() -> None:
+    cache = tenuto.Cache()
+    app, allow, _ = make_flask_app(cache)
+    client = app.test_client()
+    client.get("/song/1")
+    stats = client.get("/stats")
+    assert stats.status_code == 200 and stats.json["misses"] == 1
+    allow["stats"] = False
+    assert client.get("/stats").status_code == 403
+
+
+def test_flask_stats_needs_a_guard() -> None:
+    from tenuto.flask import Tenuto
+
+    with pytest.raises(ValueError, match="stats_guard"):
+        Tenuto(flask.Flask("t"), cache=tenuto.Cache(), stats_path="/stats")
+
+
+def make_fastapi_app(cache: tenuto.Cache):
+    from tenuto.fastapi import TenutoMiddleware, stats_router
+
+    app = fastapi.FastAPI()
+    app.add_middleware(TenutoMiddleware)
+    allow = {"stats": True}
+    app.include_router(stats_router(cache, guard=lambda request: allow["stats"]))
+
+    @cache.cached(ttl=10, stale_ttl=100)
+    async def song(sid: str) -> dict:
+        return {"id": sid}
+
+    @cache.cached(ttl=10)
+    def sync_song(sid: str) -> dict:
+        return {"id": sid, "sync": True}
+
+    @app.get("/song/{sid}")
+    async def song_view(sid: str) -> dict:
+        return await song(sid)
+
+    @app.get("/sync/{sid}")
+    def sync_view(sid: str) -> dict:  # runs in Starlette's thread pool
+        return sync_song(sid)
+
+    @app.get("/plain")
+    async def plain_view() -> str:
+        return "no cache here"
+
+    return app, allow, song
+
+
+def test_fastapi_headers(clock: FakeClock) -> None:
+    from fastapi.testclient import TestClient
+
+    cache = tenuto.Cache(jitter=0.0, clock=clock)
+    app, allow, song = make_fastapi_app(cache)
+    with TestClient(app) as client:
+        first = client.get("/song/1")
+        assert first.json() == {"id": "1"} and first.headers["x-cache"] == "miss"
+        assert client.get("/song/1").headers["x-cache"] == "hit"
+        assert client.get("/sync/1").headers["x-cache"] == "miss", "sync endpoints too"
+        assert client.get("/sync/1").headers["x-cache"] == "hit"
+        assert "x-cache" not in client.get("/plain").headers
+        clock.advance(11)
+        stale = client.get("/song/1")
+        assert stale.headers["x-cache"] == "stale" and stale.headers["x-data-stale"] == "1"
+        assert client.get("/stats").json()["stale_hits"] == 1
+        allow["stats"] = False
+        assert client.get("/stats").status_code == 403
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, output: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited:\n{output.read_text()}"
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)  # waiting for the server to listen, bounded by the deadline
+    raise AssertionError(f"{url} did not answer in {timeout} s:\n{output.read_text()}")
+
+
+def start_server(args: list[str], env: dict[str, str], output: Path) -> subprocess.Popen:
+    with output.open("w") as out:  # a file, not a pipe: a full pipe would stall the server
+        return subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_flask_app_under_gunicorn_preload(redis_server, namespace, tmp_path) -> None:
+    pytest.importorskip("gunicorn")
+    port = free_port()
+    log = tmp_path / "upstream.log"
+    env = {
+        "REDIS_URL": redis_server.url,
+        "UPSTREAM_LOG": str(log),
+        "UPSTREAM_SECONDS": "0.5",
+        "PYTHONPATH": str(ROOT),
+    }
+    args = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "--threads", "8"]
+    args += ["-b", f"127.0.0.1:{port}", "examples.flask_app:app"]
+    output = tmp_path / "gunicorn.log"
+    proc = start_server(args, env, output)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/stats", proc, output)
+        country = namespace  # a key no earlier run has cached
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(
+                pool.map(lambda _: httpx.get(f"{base}/trending/{country}", timeout=30), range(16))
+            )
+        assert all(r.status_code == 200 for r in responses)
+        assert {r.json()["country"] for r in responses} == {country}
+        assert log.read_text().count(country) == 1, "one upstream call across both workers"
+        assert httpx.get(f"{base}/trending/{country}").headers["X-Cache"] == "hit"
+        pids = {int(line.split()[0]) for line in log.read_text().splitlines()}
+        assert proc.pid not in pids, "the upstream ran in a forked worker, not the master"
+    finally:
+        stop_server(proc)
+
+
+def test_fastapi_app_under_uvicorn(redis_server, namespace, tmp_path) -> None:
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    env = {"REDIS_URL": redis_server.url, "UPSTREAM_SECONDS": "0.5", "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1"]
+    args += ["--port", str(port)]
+    output = tmp_path / "uvicorn.log"
+    proc = start_server(args, env, output)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/stats", proc, output)
+        seed = namespace
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(
+                pool.map(
+                    lambda _: httpx.get(f"{base}/recommendations/{seed}", timeout=30), range(16)
+                )
+            )
+        assert all(r.status_code == 200 for r in responses)
+        assert {r.headers["x-cache"] for r in responses} == {"miss"}
+        again = httpx.get(f"{base}/recommendations/{seed}")
+        assert again.headers["x-cache"] == "hit" and again.json()["upstream_calls"] == 1
+    finally:
+        stop_server(proc)

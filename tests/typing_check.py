@@ -28,3 +28,34 @@ def construct() -> tenuto.Cache:
 
 
 key: str = tenuto.stable_key("name", {"a": 1})
+
+
+def decorated(cache: tenuto.Cache) -> None:
+    @cache.cached(ttl=60)
+    def trending(country: str, limit: int = 50) -> list[str]:
+        return [country] * limit
+
+    @cache.cached(ttl=60, negative=tenuto.Backoff())
+    async def lyrics(song: str) -> str | None:
+        return None
+
+    tracks: list[str] = trending("US", limit=3)
+    lookup: tenuto.Lookup = trending.lookup("US")
+    key: str = trending.key("US")
+    gone: bool = trending.invalidate("US")
+    coro = lyrics("s")
+    print(tracks, lookup, key, gone, coro)
+
+
+async def decorated_async(cache: tenuto.Cache) -> str | None:
+    @cache.cached(ttl=60)
+    async def lyrics(song: str) -> str | None:
+        return None
+
+    found = await lyrics.lookup("s")
+    return (await lyrics("s")) or found.state
+
+
+def singleflight() -> int:
+    sf = tenuto.SingleFlight()
+    return sf.do("k", lambda: 1) + len(sf)

@@ -59,12 +59,18 @@ type Hasher = foldhash::fast::RandomState;
 pub struct MemoryStore<V: Send + Sync + 'static> {
     entries: moka::sync::Cache<String, Arc<Entry<V>>, Hasher>,
     evictions: Arc<AtomicU64>,
+    /// Bumped after every change of the store's contents (insert, remove, clear, eviction,
+    /// expiry). An entry read while the generation was g is still the current one for its
+    /// key as long as the generation is still g: front caches validate with one load.
+    generation: Arc<AtomicU64>,
 }
 
 impl<V: Send + Sync + 'static> MemoryStore<V> {
     pub fn new(max_entries: u64) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
+        let generation = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&evictions);
+        let changed = Arc::clone(&generation);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_entries)
             // LRU, not TinyLFU: a value just set must be readable even when the cache is
@@ -75,9 +81,19 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
                 if cause == RemovalCause::Size {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
+                changed.fetch_add(1, Ordering::AcqRel);
             })
             .build_with_hasher(Hasher::default());
-        Self { entries, evictions }
+        Self { entries, evictions, generation }
+    }
+
+    /// Read this before reading entries (see `generation`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Entry<V>>> {
@@ -86,14 +102,18 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
 
     pub fn insert(&self, key: String, entry: Arc<Entry<V>>) {
         self.entries.insert(key, entry);
+        self.changed();
     }
 
     pub fn remove(&self, key: &str) -> bool {
-        self.entries.remove(key).is_some()
+        let removed = self.entries.remove(key).is_some();
+        self.changed();
+        removed
     }
 
     pub fn clear(&self) {
         self.entries.invalidate_all();
+        self.changed();
         self.entries.run_pending_tasks();
     }
 
@@ -132,6 +152,31 @@ mod tests {
         }
         assert!(store.len() <= 10, "len {}", store.len());
         assert_eq!(store.evictions(), 190, "evictions");
+    }
+
+    #[test]
+    fn every_change_moves_the_generation() {
+        let store = MemoryStore::new(2);
+        let mut last = store.generation();
+        let mut moved = |store: &MemoryStore<i32>| {
+            let now = store.generation();
+            let did = now > last;
+            last = now;
+            did
+        };
+        store.insert("a".into(), Entry::new(1, times(100), 0));
+        assert!(moved(&store), "insert");
+        assert!(store.get("a").is_some());
+        assert!(!moved(&store), "a read changes nothing");
+        assert!(store.remove("a"));
+        assert!(moved(&store), "remove");
+        for i in 0..5 {
+            store.insert(format!("k{i}"), Entry::new(i, times(100), 0));
+        }
+        store.len();
+        assert!(moved(&store));
+        store.clear();
+        assert!(moved(&store), "clear");
     }
 
     #[test]

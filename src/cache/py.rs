@@ -32,6 +32,12 @@ pub struct PyEnvelope {
     times: Times,
 }
 
+impl PyEnvelope {
+    pub(crate) fn payload_ref(&self, py: Python<'_>) -> Py<PyAny> {
+        self.payload.clone_ref(py)
+    }
+}
+
 #[pymethods]
 impl PyEnvelope {
     #[new]
@@ -223,7 +229,7 @@ enum Serializer {
     Pickle,
 }
 
-type Stored = Deferred<PyEnvelope>;
+pub(crate) type Stored = Deferred<PyEnvelope>;
 
 pub struct CacheCore {
     namespace: String,
@@ -238,24 +244,9 @@ pub struct CacheCore {
     pub(crate) counters: Counters,
 }
 
-/// What the decorator's fast path learns from memory: the value of a fresh hit (counted),
-/// or nothing (not counted; the slow path looks again and counts).
-pub(crate) fn memory_hit(
-    core: &CacheCore,
-    py: Python<'_>,
-    key: &str,
-) -> PyResult<Option<Py<PyAny>>> {
-    let Some(entry) = core.memory.get(key) else {
-        return Ok(None);
-    };
-    if entry.times.state(core.clock.now_secs(py)?) != State::Hit {
-        return Ok(None);
-    }
+/// Counts a hit served without a `Lookup` (the decorator's fast path).
+pub(crate) fn count_hit(core: &CacheCore) {
     core.counters.count_state(State::Hit);
-    let value = entry.value.get().get().payload.clone_ref(py);
-    drop(entry);
-    release_pending(py);
-    Ok(Some(value))
 }
 
 fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {

@@ -3,8 +3,9 @@
 //! Python subclass's `_slow`, where the upstream call dominates the time anyway.
 //! Also the per-request state behind `tenuto.current_state()` and the X-Cache headers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -13,8 +14,10 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern};
 
 use super::{from_severity, severity};
-use crate::cache::py::{memory_hit, CacheCore, PyCache};
+use crate::cache::memory::Entry;
+use crate::cache::py::{count_hit, CacheCore, PyCache, Stored};
 use crate::cache::State;
+use crate::graveyard::release_pending;
 use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
 use crate::key::key_from_json;
@@ -145,6 +148,34 @@ enum Keyer {
     Bind(Py<PyAny>),
 }
 
+/// What identifies a call before hashing: the key itself (a `key=` function returned a
+/// str), or the canonical JSON of the arguments, whose sha256 makes the key.
+enum Identity {
+    Key(String),
+    Json(String),
+}
+
+impl Identity {
+    fn text(&self) -> &str {
+        match self {
+            Identity::Key(k) | Identity::Json(k) => k,
+        }
+    }
+}
+
+/// One remembered call: its key (saves the sha256) and, on a memory cache, the entry it
+/// found with the store generation it was found at (saves the moka lookup while valid).
+struct Remembered {
+    key: Arc<str>,
+    entry: Option<Arc<Entry<Stored>>>,
+    generation: u64,
+}
+
+/// Calls remembered per function; emptied when it reaches this size.
+const FRONT_LIMIT: usize = 4096;
+
+type Front = HashMap<String, Remembered, foldhash::fast::RandomState>;
+
 /// The native base of a cached function: key derivation and the fresh-hit fast path.
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "CachedCall")]
 pub struct PyCachedCall {
@@ -152,6 +183,7 @@ pub struct PyCachedCall {
     name: String,
     keyer: Keyer,
     is_async: bool,
+    front: Mutex<Front>,
 }
 
 fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
@@ -163,30 +195,24 @@ fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
 }
 
 impl PyCachedCall {
-    fn stable_key_of(
-        &self,
-        py: Python<'_>,
-        data: &Bound<'_, PyAny>,
-        what: &str,
-    ) -> PyResult<String> {
+    fn canonical_of(&self, py: Python<'_>, data: &Bound<'_, PyAny>, what: &str) -> PyResult<Identity> {
         let mut json = String::with_capacity(64);
-        write_value(&mut json, data, CANONICAL, 0)
-            .map_err(|e| unkeyable(&self.name, what, e, py))?;
-        Ok(key_from_json(&self.name, &json))
+        write_value(&mut json, data, CANONICAL, 0).map_err(|e| unkeyable(&self.name, what, e, py))?;
+        Ok(Identity::Json(json))
     }
 
-    fn key_of(
+    fn identity(
         &self,
         py: Python<'_>,
         args: &Bound<'_, PyTuple>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<String> {
+    ) -> PyResult<Identity> {
         match &self.keyer {
             Keyer::Custom(f) => {
                 let chosen = f.bind(py).call(args, kwargs)?;
                 match chosen.cast::<PyString>() {
-                    Ok(s) => Ok(s.to_str()?.to_owned()),
-                    Err(_) => self.stable_key_of(py, &chosen, "the value returned by key="),
+                    Ok(s) => Ok(Identity::Key(s.to_str()?.to_owned())),
+                    Err(_) => self.canonical_of(py, &chosen, "the value returned by key="),
                 }
             }
             Keyer::Bind(f) => {
@@ -195,10 +221,48 @@ impl PyCachedCall {
                     None => PyDict::new(py),
                 };
                 let bound = f.bind(py).call1((args, kwargs))?;
-                self.stable_key_of(py, &bound, "an argument")
+                self.canonical_of(py, &bound, "an argument")
             }
             Keyer::Params { params, sorted } => self.bind_params(py, params, sorted, args, kwargs),
         }
+    }
+
+    fn key_of_identity(&self, identity: &Identity) -> Arc<str> {
+        match identity {
+            Identity::Key(k) => Arc::from(k.as_str()),
+            Identity::Json(json) => Arc::from(key_from_json(&self.name, json)),
+        }
+    }
+
+    /// The key of the call, and the entry remembered for it if still current.
+    fn remembered(&self, identity: &Identity, generation: u64) -> (Option<Arc<str>>, Option<Arc<Entry<Stored>>>) {
+        let front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        match front.get(identity.text()) {
+            Some(r) => (
+                Some(Arc::clone(&r.key)),
+                r.entry.as_ref().filter(|_| r.generation == generation).cloned(),
+            ),
+            None => (None, None),
+        }
+    }
+
+    fn remember(&self, identity: Identity, key: Arc<str>, entry: Option<Arc<Entry<Stored>>>, generation: u64) {
+        let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        if front.len() >= FRONT_LIMIT {
+            front.clear();
+        }
+        let text = match identity {
+            Identity::Key(k) | Identity::Json(k) => k,
+        };
+        front.insert(text, Remembered { key, entry, generation });
+    }
+
+    fn key_of(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+        let identity = self.identity(py, args, kwargs)?;
+        Ok(match self.remembered(&identity, 0).0 {
+            Some(key) => key.to_string(),
+            None => self.key_of_identity(&identity).to_string(),
+        })
     }
 
     fn bind_params(
@@ -208,7 +272,7 @@ impl PyCachedCall {
         sorted: &[usize],
         args: &Bound<'_, PyTuple>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<String> {
+    ) -> PyResult<Identity> {
         let name = &self.name;
         let mut slots: Vec<Option<Bound<'_, PyAny>>> = vec![None; params.len()];
         let positional = params.iter().take_while(|p| p.positional).count();
@@ -260,7 +324,7 @@ impl PyCachedCall {
                 .map_err(|e| unkeyable(name, &format!("argument {:?}", param.name), e, py))?;
         }
         json.push('}');
-        Ok(key_from_json(name, &json))
+        Ok(Identity::Json(json))
     }
 }
 
@@ -301,37 +365,53 @@ impl PyCachedCall {
             name,
             keyer,
             is_async,
+            front: Mutex::new(Front::default()),
         })
     }
 
     #[pyo3(signature = (*args, **kwargs))]
-    fn __call__(
-        slf: &Bound<'_, Self>,
-        args: &Bound<'_, PyTuple>,
-        kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<Py<PyAny>> {
+    fn __call__(slf: &Bound<'_, Self>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
         let this = slf.get();
         let py = slf.py();
-        let key = this.key_of(py, args, kwargs)?;
+        let identity = this.identity(py, args, kwargs)?;
+        let memory = &this.cache.memory;
+        // Read the generation before any entry: see `MemoryStore::generation`.
+        let generation = memory.generation();
+        let (key, mut entry) = this.remembered(&identity, generation);
+        let known = key.is_some() && entry.is_some();
+        let key = key.unwrap_or_else(|| this.key_of_identity(&identity));
         // NOTE: a fresh memory hit stays here, with the GIL held: no thread hop, no Python
-        // frame. Redis lookups and everything else go to `_slow`.
+        // frame, and (when remembered) no sha256 and no moka lookup. Redis lookups and
+        // everything else go to `_slow`.
         if this.cache.redis.is_none() {
-            if let Some(value) = memory_hit(&this.cache, py, &key)? {
-                record_state(py, State::Hit)?;
-                return if this.is_async {
-                    Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
-                } else {
-                    Ok(value)
-                };
+            if entry.is_none() {
+                entry = memory.get(&key);
             }
+            if !known {
+                this.remember(identity, Arc::clone(&key), entry.clone(), generation);
+            }
+            if let Some(entry) = entry {
+                if entry.times.state(this.cache.clock.now_secs(py)?) == State::Hit {
+                    count_hit(&this.cache);
+                    record_state(py, State::Hit)?;
+                    let value = entry.value.get().get().payload_ref(py);
+                    drop(entry);
+                    release_pending(py);
+                    return if this.is_async {
+                        Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
+                    } else {
+                        Ok(value)
+                    };
+                }
+            }
+        } else if !known {
+            this.remember(identity, Arc::clone(&key), None, 0);
         }
         let kwargs = match kwargs {
             Some(k) => k.clone(),
             None => PyDict::new(py),
         };
-        Ok(slf
-            .call_method1(intern!(py, "_slow"), (key, args, kwargs))?
-            .unbind())
+        Ok(slf.call_method1(intern!(py, "_slow"), (&*key, args, kwargs))?.unbind())
     }
 
     /// Methods: bind the instance like a plain function would.

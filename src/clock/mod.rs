@@ -28,6 +28,19 @@ impl Clock for SystemClock {
             Err(before) => -(before.duration().as_nanos() as i64),
         }
     }
+
+    /// Whole seconds need no nanosecond clock: the coarse one (a few ms of resolution) is
+    /// a plain memory read, several times cheaper on every cache lookup.
+    #[cfg(target_os = "linux")]
+    fn now_secs(&self) -> i64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+            ts.tv_sec
+        } else {
+            self.now_nanos().div_euclid(1_000_000_000)
+        }
+    }
 }
 
 /// A clock that only moves when told to. Shared by reference so a test and the cache it
@@ -84,7 +97,10 @@ mod tests {
     }
 
     #[test]
-    fn system_clock_is_after_2020() {
-        assert!(SystemClock.now_secs() > 1_577_836_800);
+    fn system_clock_is_after_2020_and_coarse_seconds_agree() {
+        let fine = SystemClock.now_nanos().div_euclid(1_000_000_000);
+        let coarse = SystemClock.now_secs();
+        assert!(coarse > 1_577_836_800);
+        assert!((fine - coarse).abs() <= 1, "fine {fine}, coarse {coarse}");
     }
 }

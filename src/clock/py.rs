@@ -96,7 +96,10 @@ impl PyClock {
     }
 
     pub fn now_secs(&self, py: Python<'_>) -> PyResult<i64> {
-        Ok(self.now_nanos(py)?.div_euclid(1_000_000_000))
+        match self {
+            PyClock::Native(clock) => Ok(clock.now_secs()),
+            PyClock::Callable(_) => Ok(self.now_nanos(py)?.div_euclid(1_000_000_000)),
+        }
     }
 
     pub fn traverse(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {

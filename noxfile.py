@@ -42,6 +42,19 @@ def install_wheel(session: nox.Session) -> None:
     session.install("--force-reinstall", "--no-deps", wheels[0])
 
 
+# Peer libraries the benchmarks measure tenuto against, in the same run.
+PEERS = [
+    "cachebox",
+    "moka-py",
+    "cachetools",
+    "dogpile.cache",
+    "Flask-Caching",
+    "fastapi-cache2",
+    "aiocache",
+    "cashews",
+]
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Rust unit tests, then the Python suite against the installed wheel."""
@@ -89,6 +102,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against peers and lower bounds in one run; prints ratios."""
     install_wheel(session)
-    session.install("redis>=5")
+    session.install("redis>=5", *PEERS)
     env = {"TENUTO_BENCH_OUT": os.environ.get("TENUTO_BENCH_OUT", "")}
     session.run("python", "benches/bench_cache.py", *session.posargs, env=env)
+    session.run("python", "benches/bench_cached.py", *session.posargs)

@@ -48,6 +48,7 @@ mod _core {
             .filter_target("tenuto".to_owned(), log::LevelFilter::Trace)
             .install();
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        crate::runtime::py::install_ready_send(m.py());
         Ok(())
     }
 }

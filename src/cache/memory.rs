@@ -84,7 +84,11 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
                 changed.fetch_add(1, Ordering::AcqRel);
             })
             .build_with_hasher(Hasher::default());
-        Self { entries, evictions, generation }
+        Self {
+            entries,
+            evictions,
+            generation,
+        }
     }
 
     /// Read this before reading entries (see `generation`).

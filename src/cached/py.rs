@@ -17,9 +17,9 @@ use super::{from_severity, severity};
 use crate::cache::memory::Entry;
 use crate::cache::py::{count_hit, CacheCore, PyCache, Stored};
 use crate::cache::State;
-use crate::graveyard::release_pending;
 use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
+use crate::graveyard::release_pending;
 use crate::key::key_from_json;
 use crate::runtime::py::Ready;
 
@@ -195,9 +195,15 @@ fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
 }
 
 impl PyCachedCall {
-    fn canonical_of(&self, py: Python<'_>, data: &Bound<'_, PyAny>, what: &str) -> PyResult<Identity> {
+    fn canonical_of(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        what: &str,
+    ) -> PyResult<Identity> {
         let mut json = String::with_capacity(64);
-        write_value(&mut json, data, CANONICAL, 0).map_err(|e| unkeyable(&self.name, what, e, py))?;
+        write_value(&mut json, data, CANONICAL, 0)
+            .map_err(|e| unkeyable(&self.name, what, e, py))?;
         Ok(Identity::Json(json))
     }
 
@@ -235,18 +241,31 @@ impl PyCachedCall {
     }
 
     /// The key of the call, and the entry remembered for it if still current.
-    fn remembered(&self, identity: &Identity, generation: u64) -> (Option<Arc<str>>, Option<Arc<Entry<Stored>>>) {
+    fn remembered(
+        &self,
+        identity: &Identity,
+        generation: u64,
+    ) -> (Option<Arc<str>>, Option<Arc<Entry<Stored>>>) {
         let front = self.front.lock().unwrap_or_else(|p| p.into_inner());
         match front.get(identity.text()) {
             Some(r) => (
                 Some(Arc::clone(&r.key)),
-                r.entry.as_ref().filter(|_| r.generation == generation).cloned(),
+                r.entry
+                    .as_ref()
+                    .filter(|_| r.generation == generation)
+                    .cloned(),
             ),
             None => (None, None),
         }
     }
 
-    fn remember(&self, identity: Identity, key: Arc<str>, entry: Option<Arc<Entry<Stored>>>, generation: u64) {
+    fn remember(
+        &self,
+        identity: Identity,
+        key: Arc<str>,
+        entry: Option<Arc<Entry<Stored>>>,
+        generation: u64,
+    ) {
         let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
         if front.len() >= FRONT_LIMIT {
             front.clear();
@@ -254,10 +273,22 @@ impl PyCachedCall {
         let text = match identity {
             Identity::Key(k) | Identity::Json(k) => k,
         };
-        front.insert(text, Remembered { key, entry, generation });
+        front.insert(
+            text,
+            Remembered {
+                key,
+                entry,
+                generation,
+            },
+        );
     }
 
-    fn key_of(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+    fn key_of(
+        &self,
+        py: Python<'_>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
         let identity = self.identity(py, args, kwargs)?;
         Ok(match self.remembered(&identity, 0).0 {
             Some(key) => key.to_string(),
@@ -370,7 +401,11 @@ impl PyCachedCall {
     }
 
     #[pyo3(signature = (*args, **kwargs))]
-    fn __call__(slf: &Bound<'_, Self>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+    fn __call__(
+        slf: &Bound<'_, Self>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
         let this = slf.get();
         let py = slf.py();
         let identity = this.identity(py, args, kwargs)?;
@@ -411,7 +446,9 @@ impl PyCachedCall {
             Some(k) => k.clone(),
             None => PyDict::new(py),
         };
-        Ok(slf.call_method1(intern!(py, "_slow"), (&*key, args, kwargs))?.unbind())
+        Ok(slf
+            .call_method1(intern!(py, "_slow"), (&*key, args, kwargs))?
+            .unbind())
     }
 
     /// Methods: bind the instance like a plain function would.

@@ -33,7 +33,10 @@ impl Clock for SystemClock {
     /// a plain memory read, several times cheaper on every cache lookup.
     #[cfg(target_os = "linux")]
     fn now_secs(&self) -> i64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: clock_gettime writes the timespec it is given.
         if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
             ts.tv_sec

@@ -54,6 +54,48 @@ impl Ready {
     }
 }
 
+/// `await Ready(...)` without an exception: CPython (3.10+) sends to an awaitable through
+/// its `am_send` slot when it has one, and `PYGEN_RETURN` hands the value back directly.
+/// Without it, every await of a hit would raise and catch a `StopIteration`.
+// NOTE: decorated async hit, `python benches/bench_cached.py`: 371 ns with StopIteration,
+// 240 ns with this slot (plain `async def`: 93 ns).
+#[cfg(all(Py_3_10, not(Py_LIMITED_API), not(PyPy), not(GraalPy)))]
+unsafe extern "C" fn ready_send(
+    awaitable: *mut pyo3::ffi::PyObject,
+    _sent: *mut pyo3::ffi::PyObject,
+    result: *mut *mut pyo3::ffi::PyObject,
+) -> pyo3::ffi::PySendResult {
+    // SAFETY: CPython calls am_send attached, with a live `Ready` (this slot is installed on
+    // the `Ready` type only) and a valid out pointer.
+    unsafe {
+        let py = Python::assume_attached();
+        let obj = Bound::from_borrowed_ptr(py, awaitable);
+        let ready = obj.cast_unchecked::<Ready>();
+        *result = ready.get().value.clone_ref(py).into_ptr();
+    }
+    pyo3::ffi::PySendResult::PYGEN_RETURN
+}
+
+/// Installs `ready_send` on the `Ready` type (once, at module init).
+pub(crate) fn install_ready_send(py: Python<'_>) {
+    #[cfg(all(Py_3_10, not(Py_LIMITED_API), not(PyPy), not(GraalPy)))]
+    {
+        let ty = py.get_type::<Ready>();
+        // SAFETY: `Ready` is a heap type whose async slots pyo3 allocated (it has
+        // `__await__`); nothing has used the type yet, and PyType_Modified drops caches.
+        unsafe {
+            let tp = ty.as_type_ptr();
+            let slots = (*tp).tp_as_async;
+            if !slots.is_null() {
+                (*slots).am_send = Some(ready_send);
+                pyo3::ffi::PyType_Modified(tp);
+            }
+        }
+    }
+    #[cfg(not(all(Py_3_10, not(Py_LIMITED_API), not(PyPy), not(GraalPy))))]
+    let _ = py;
+}
+
 pub(crate) fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     GET_RUNNING_LOOP

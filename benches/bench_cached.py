@@ -161,7 +161,9 @@ def async_peers() -> dict[str, Callable[[], Callable[[str, int], Any]]]:
     }
 
 
-def measure(group: str, peers: dict[str, Callable[[], Any]], timer: Callable[[Any], float]) -> list[str]:
+def measure(
+    group: str, peers: dict[str, Callable[[], Any]], timer: Callable[[Any], float]
+) -> list[str]:
     lines = [f"{group}: {'implementation':<34} {'ns/call':>9} {'vs bound':>9}"]
     bound = None
     for name, make in peers.items():
@@ -176,7 +178,9 @@ def measure(group: str, peers: dict[str, Callable[[], Any]], timer: Callable[[An
 
 
 def main() -> None:
-    print(f"tenuto {tenuto.__version__}, Python {sys.version.split()[0]}, warm hits, median of {REPEATS} x {CALLS}")
+    print(
+        f"tenuto {tenuto.__version__}, Python {sys.version.split()[0]}, warm hits, median of {REPEATS} x {CALLS}"
+    )
     for line in measure("sync ", sync_peers(), time_sync):
         print(line)
     for line in measure("async", async_peers(), time_async):

@@ -7,9 +7,11 @@ pub mod cache;
 pub mod cached;
 pub mod clock;
 pub mod codec;
+pub mod defaults;
 pub mod error;
 pub mod flight;
 pub mod key;
+pub mod registry;
 pub mod runtime;
 
 #[cfg(feature = "python")]
@@ -29,11 +31,15 @@ mod _core {
     #[pymodule_export]
     use crate::clock::py::PyFakeClock;
     #[pymodule_export]
+    use crate::defaults::py::PyDefaults;
+    #[pymodule_export]
     use crate::error::py::{BackendError, BackendUnavailable, TenutoError};
     #[pymodule_export]
     use crate::flight::py::{PyFlight, PyFlightGroup};
     #[pymodule_export]
     use crate::key::py::stable_key;
+    #[pymodule_export]
+    use crate::registry::py::PyIdRegistry;
     #[pymodule_export]
     use crate::runtime::py::Ready;
 

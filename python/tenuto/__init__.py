@@ -1,11 +1,12 @@
 """tenuto: hold the note. An envelope cache (fresh / stale / miss) on memory or
-Redis/Valkey with fail-open fallback, single-flight and cached-function decorators,
-implemented in Rust.
+Redis/Valkey with fail-open fallback, single-flight and cached-function decorators, an ID
+registry and default-value fallback, implemented in Rust.
 
 The public names live here; ``tenuto._core`` is the native module behind them.
 """
 
 from tenuto._cached import Backoff
+from tenuto._defaults import AUDIO_FEATURE_DEFAULTS, AUDIO_FEATURE_RANGES, Defaults, Range
 from tenuto._core import (
     BackendError,
     BackendUnavailable,
@@ -16,17 +17,24 @@ from tenuto._core import (
     __version__,
     stable_key,
 )
+from tenuto._registry import IdRegistry, ResolveError
 from tenuto._request import RequestState, current_state, request_scope
 from tenuto._singleflight import SingleFlight
 
 __all__ = [
+    "AUDIO_FEATURE_DEFAULTS",
+    "AUDIO_FEATURE_RANGES",
     "BackendError",
     "BackendUnavailable",
     "Backoff",
     "Cache",
+    "Defaults",
     "Envelope",
+    "IdRegistry",
     "Lookup",
+    "Range",
     "RequestState",
+    "ResolveError",
     "SingleFlight",
     "TenutoError",
     "__version__",

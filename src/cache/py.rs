@@ -244,6 +244,47 @@ pub struct CacheCore {
     pub(crate) counters: Counters,
 }
 
+/// Plain records (the ID registry's) kept in the memory store: the payload with a TTL,
+/// no stale window.
+pub(crate) fn store_record(
+    core: &CacheCore,
+    py: Python<'_>,
+    key: &str,
+    payload: Bound<'_, PyAny>,
+    ttl: u64,
+    now: i64,
+) -> PyResult<()> {
+    let until = now + ttl as i64;
+    let times = Times {
+        fetched_at: now,
+        fresh_until: until,
+        stale_until: until,
+    };
+    let envelope = Py::new(
+        py,
+        PyEnvelope {
+            payload: payload.unbind(),
+            times,
+        },
+    )?;
+    core.memory.insert(
+        key.to_owned(),
+        Entry::new(Deferred::new(envelope), times, now),
+    );
+    Ok(())
+}
+
+/// The payload of a live memory record, if any.
+pub(crate) fn memory_record(
+    core: &CacheCore,
+    py: Python<'_>,
+    key: &str,
+    now: i64,
+) -> Option<Py<PyAny>> {
+    let entry = core.memory.get(key)?;
+    (entry.times.state(now) != State::Miss).then(|| entry.value.get().get().payload.clone_ref(py))
+}
+
 /// Counts a hit served without a `Lookup` (the decorator's fast path).
 pub(crate) fn count_hit(core: &CacheCore) {
     core.counters.count_state(State::Hit);
@@ -289,7 +330,7 @@ fn pickle_module(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
 type WireItem = (String, Vec<u8>, u64);
 
 impl CacheCore {
-    fn redis_key(&self, key: &str) -> String {
+    pub(crate) fn redis_key(&self, key: &str) -> String {
         let mut k = String::with_capacity(self.namespace.len() + 1 + key.len());
         k.push_str(&self.namespace);
         k.push(':');
@@ -299,7 +340,7 @@ impl CacheCore {
 
     /// The Redis store to use now, or None to use memory. A store marked down is skipped
     /// without waiting (or raises, when the cache does not fail open).
-    fn route(&self) -> PyResult<Option<Arc<RedisStore>>> {
+    pub(crate) fn route(&self) -> PyResult<Option<Arc<RedisStore>>> {
         match &self.redis {
             None => Ok(None),
             Some(redis) if redis.is_down() => {
@@ -319,7 +360,7 @@ impl CacheCore {
     }
 
     /// Counts a failed Redis call; raises unless the cache fails open.
-    fn absorb(&self, err: StoreError) -> PyResult<()> {
+    pub(crate) fn absorb(&self, err: StoreError) -> PyResult<()> {
         Counters::bump(&self.counters.backend_errors);
         if self.fail_open {
             if let StoreError::Command(msg) = &err {

@@ -252,18 +252,31 @@ impl RedisStore {
 
     /// SET with a TTL in seconds for every item, in one pipeline (one round trip).
     pub async fn set_many(&self, items: Vec<(String, Vec<u8>, u64)>) -> Result<(), StoreError> {
-        if items.is_empty() {
+        self.write_many(items, Vec::new()).await
+    }
+
+    /// SETs (with TTLs in seconds) and DELs in one pipeline: one round trip, applied in
+    /// order, nothing read back.
+    pub async fn write_many(
+        &self,
+        sets: Vec<(String, Vec<u8>, u64)>,
+        deletes: Vec<String>,
+    ) -> Result<(), StoreError> {
+        if sets.is_empty() && deletes.is_empty() {
             return Ok(());
         }
         self.run(|mut conn| async move {
             let mut pipe = redis::pipe();
-            for (key, value, seconds) in items {
+            for (key, value, seconds) in sets {
                 pipe.cmd("SET")
                     .arg(key)
                     .arg(value)
                     .arg("EX")
                     .arg(seconds)
                     .ignore();
+            }
+            if !deletes.is_empty() {
+                pipe.cmd("DEL").arg(deletes).ignore();
             }
             pipe.query_async::<()>(&mut conn).await
         })

@@ -1,0 +1,158 @@
+//! The bidirectional ID registry's pure parts: key names, record JSON in the host app's
+//! format, and reading a field back out of a stored record.
+
+use serde_json::Value;
+
+use crate::codec::write_json_str;
+
+#[cfg(feature = "python")]
+pub mod py;
+
+/// Bulk operations split inputs into chunks of this many keys (one round trip each).
+pub const CHUNK: usize = 10_000;
+
+/// How the registry names its keys, below the cache namespace.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub name: String,
+    pub source_field: String,
+    pub target_field: String,
+}
+
+impl Layout {
+    pub fn validated_key(&self, src: &str) -> String {
+        format!("{}:validated:{src}", self.name)
+    }
+
+    pub fn reverse_key(&self, dst: &str) -> String {
+        format!("{}:reverse:{dst}", self.name)
+    }
+
+    pub fn missing_key(&self, src: &str) -> String {
+        format!("{}:missing:{src}", self.name)
+    }
+
+    /// `{source_field: src, target_field: dst, "validated_at": at}`, stored under both
+    /// `validated:{src}` and `reverse:{dst}`.
+    pub fn validated_record(&self, src: &str, dst: &str, at: &str) -> String {
+        let mut out = String::with_capacity(96 + src.len() + dst.len());
+        out.push('{');
+        push_field(&mut out, &self.source_field, src);
+        out.push(',');
+        push_field(&mut out, &self.target_field, dst);
+        out.push(',');
+        push_field(&mut out, "validated_at", at);
+        out.push('}');
+        out
+    }
+
+    /// `{source_field: src, "marked_at": at, "reason": reason}`.
+    pub fn missing_record(&self, src: &str, at: &str, reason: &str) -> String {
+        let mut out = String::with_capacity(96 + src.len() + reason.len());
+        out.push('{');
+        push_field(&mut out, &self.source_field, src);
+        out.push(',');
+        push_field(&mut out, "marked_at", at);
+        out.push(',');
+        push_field(&mut out, "reason", reason);
+        out.push('}');
+        out
+    }
+}
+
+fn push_field(out: &mut String, name: &str, value: &str) {
+    write_json_str(out, name, false);
+    out.push(':');
+    write_json_str(out, value, false);
+}
+
+/// What a stored record says about one field.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Field {
+    Str(String),
+    /// The record is fine but the field is absent or not a string.
+    Absent,
+    /// Not a JSON object at all: read as unknown, counted as an error.
+    Corrupt,
+}
+
+pub fn field_of(record: &[u8], field: &str) -> Field {
+    match serde_json::from_slice::<Value>(record) {
+        Ok(Value::Object(map)) => match map.get(field) {
+            Some(Value::String(s)) => Field::Str(s.clone()),
+            _ => Field::Absent,
+        },
+        _ => Field::Corrupt,
+    }
+}
+
+/// `datetime.fromtimestamp(secs, timezone.utc).isoformat()` for whole seconds, e.g.
+/// `2026-11-21T11:40:37+00:00`.
+pub fn iso8601_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let in_day = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}+00:00",
+        in_day / 3600,
+        in_day % 3600 / 60,
+        in_day % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            name: "reccobeat".into(),
+            source_field: "spotify_id".into(),
+            target_field: "reccobeat_id".into(),
+        }
+    }
+
+    #[test]
+    fn keys_and_records_in_the_host_format() {
+        let l = layout();
+        assert_eq!(l.validated_key("s1"), "reccobeat:validated:s1");
+        assert_eq!(l.reverse_key("r1"), "reccobeat:reverse:r1");
+        assert_eq!(l.missing_key("s1"), "reccobeat:missing:s1");
+        let rec = l.validated_record("s1", "r\"1", "2026-01-01T00:00:00+00:00");
+        assert_eq!(
+            rec,
+            r#"{"spotify_id":"s1","reccobeat_id":"r\"1","validated_at":"2026-01-01T00:00:00+00:00"}"#
+        );
+        assert_eq!(
+            field_of(rec.as_bytes(), "reccobeat_id"),
+            Field::Str("r\"1".into())
+        );
+        assert_eq!(field_of(rec.as_bytes(), "nope"), Field::Absent);
+        assert_eq!(field_of(b"[1]", "x"), Field::Corrupt);
+        assert_eq!(field_of(b"\xff", "x"), Field::Corrupt);
+        let missing = l.missing_record("s1", "t", "not found");
+        assert_eq!(
+            missing,
+            r#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
+        );
+    }
+
+    #[test]
+    fn iso8601_matches_python() {
+        // datetime.fromtimestamp(t, timezone.utc).isoformat() for these t:
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00+00:00");
+        assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00+00:00");
+        assert_eq!(iso8601_utc(1_700_000_000), "2023-11-14T22:13:20+00:00");
+        assert_eq!(iso8601_utc(4_102_444_799), "2099-12-31T23:59:59+00:00");
+        assert_eq!(iso8601_utc(-1), "1969-12-31T23:59:59+00:00");
+    }
+}

@@ -26,7 +26,9 @@ class Range:
     def __post_init__(self) -> None:
         for name in ("min", "max"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
                 raise TypeError(f"Range.{name} must be a number or None")
             if value is not None and math.isnan(value):
                 raise ValueError(f"Range.{name} must not be NaN")

@@ -30,7 +30,9 @@ class ResolveError(TenutoError):
     validated nor missing); `partial` holds what did resolve (`{src: dst or None}`, input
     order), `failed` the IDs whose batches failed, `errors` the exceptions raised."""
 
-    def __init__(self, partial: dict[str, str | None], failed: list[str], errors: list[BaseException]):
+    def __init__(
+        self, partial: dict[str, str | None], failed: list[str], errors: list[BaseException]
+    ):
         super().__init__(f"{len(errors)} batch(es) failed for {len(failed)} ID(s): {errors[0]!r}")
         self.partial = partial
         self.failed = failed
@@ -110,7 +112,9 @@ class IdRegistry(IdRegistryCore):
         else:
             for _, flight in leading:
                 flight.hand_off()
-            with ThreadPoolExecutor(min(concurrency, len(batches)), thread_name_prefix="tenuto-resolve") as pool:
+            with ThreadPoolExecutor(
+                min(concurrency, len(batches)), thread_name_prefix="tenuto-resolve"
+            ) as pool:
                 list(pool.map(run, batches))
         resolved = {src: flight.wait() for src, flight in following.items()}
         return self._result(ids, known, leading, resolved, failures)
@@ -166,7 +170,9 @@ class IdRegistry(IdRegistryCore):
                 following[src] = flight
         return leading, following
 
-    def _fetch_batch(self, batch: list[tuple[str, Flight]], fetch: Fetch) -> tuple[list[str], BaseException] | None:
+    def _fetch_batch(
+        self, batch: list[tuple[str, Flight]], fetch: Fetch
+    ) -> tuple[list[str], BaseException] | None:
         srcs = [src for src, _ in batch]
         try:
             pairs = _answers(srcs, fetch(srcs))
@@ -202,7 +208,9 @@ class IdRegistry(IdRegistryCore):
             flight.land_value(pairs.get(src))
         return None
 
-    def _fail(self, batch: list[tuple[str, Flight]], exc: Exception) -> tuple[list[str], BaseException]:
+    def _fail(
+        self, batch: list[tuple[str, Flight]], exc: Exception
+    ) -> tuple[list[str], BaseException]:
         self._count_fetch(len(batch), failed=True)
         for _, flight in batch:
             flight.land_error(exc)

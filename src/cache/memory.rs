@@ -131,6 +131,10 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
         self.len() == 0
     }
 
+    pub fn capacity(&self) -> u64 {
+        self.entries.policy().max_capacity().unwrap_or(u64::MAX)
+    }
+
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }

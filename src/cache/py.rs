@@ -244,47 +244,6 @@ pub struct CacheCore {
     pub(crate) counters: Counters,
 }
 
-/// Plain records (the ID registry's) kept in the memory store: the payload with a TTL,
-/// no stale window.
-pub(crate) fn store_record(
-    core: &CacheCore,
-    py: Python<'_>,
-    key: &str,
-    payload: Bound<'_, PyAny>,
-    ttl: u64,
-    now: i64,
-) -> PyResult<()> {
-    let until = now + ttl as i64;
-    let times = Times {
-        fetched_at: now,
-        fresh_until: until,
-        stale_until: until,
-    };
-    let envelope = Py::new(
-        py,
-        PyEnvelope {
-            payload: payload.unbind(),
-            times,
-        },
-    )?;
-    core.memory.insert(
-        key.to_owned(),
-        Entry::new(Deferred::new(envelope), times, now),
-    );
-    Ok(())
-}
-
-/// The payload of a live memory record, if any.
-pub(crate) fn memory_record(
-    core: &CacheCore,
-    py: Python<'_>,
-    key: &str,
-    now: i64,
-) -> Option<Py<PyAny>> {
-    let entry = core.memory.get(key)?;
-    (entry.times.state(now) != State::Miss).then(|| entry.value.get().get().payload.clone_ref(py))
-}
-
 /// Counts a hit served without a `Lookup` (the decorator's fast path).
 pub(crate) fn count_hit(core: &CacheCore) {
     core.counters.count_state(State::Hit);

@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyFrozenSet, PyInt, PyMapping, PyString};
 
 use super::Range;
 
@@ -17,28 +17,79 @@ struct Field {
     replaced: AtomicU64,
 }
 
-/// Completes records with defaults: `complete(existing, fetched)` takes each key's value
-/// from `existing` if present, not None and valid, else from `fetched` likewise, else
-/// the default. Inputs are never modified.
+/// Completes records with defaults: `complete(existing, fetched)` takes each field from
+/// `existing` if present, not None and valid, else from `fetched` likewise, else the
+/// default; other keys pass through. Inputs are never modified.
 #[pyclass(frozen, module = "tenuto._core", name = "Defaults")]
 pub struct PyDefaults {
     fields: Vec<Field>,
+    /// The field names, to tell fields from pass-through keys.
+    names: Py<PyFrozenSet>,
     records: AtomicU64,
     with_defaults: AtomicU64,
 }
 
+/// A record: a dict (the fast path: a missing key raises nothing) or another mapping.
+enum Source<'a, 'py> {
+    Dict(&'a Bound<'py, PyDict>),
+    Mapping(&'a Bound<'py, PyMapping>),
+}
+
+impl<'py> Source<'_, 'py> {
+    fn get(&self, key: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match self {
+            Source::Dict(d) => d.get_item(key),
+            Source::Mapping(m) => match m.get_item(key) {
+                Ok(v) => Ok(Some(v)),
+                Err(err) if err.is_instance_of::<PyKeyError>(m.py()) => Ok(None),
+                Err(err) => Err(err),
+            },
+        }
+    }
+
+    fn for_each(
+        &self,
+        mut f: impl FnMut(Bound<'py, PyAny>, Bound<'py, PyAny>) -> PyResult<()>,
+    ) -> PyResult<()> {
+        match self {
+            Source::Dict(d) => d.iter().try_for_each(|(k, v)| f(k, v)),
+            Source::Mapping(m) => m.items()?.iter().try_for_each(|item| {
+                let (k, v) = item.extract()?;
+                f(k, v)
+            }),
+        }
+    }
+}
+
+fn source_of<'a, 'py>(what: &str, obj: &'a Bound<'py, PyAny>) -> PyResult<Option<Source<'a, 'py>>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        return Ok(Some(Source::Dict(d)));
+    }
+    match obj.cast::<PyMapping>() {
+        Ok(m) => Ok(Some(Source::Mapping(m))),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{what} must be a mapping or None, not {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))),
+    }
+}
+
 fn range_of(name: &str, spec: &Bound<'_, PyAny>) -> PyResult<Range> {
-    let attr = |attr: &str| spec.getattr(attr);
     let bound = |value: Bound<'_, PyAny>| -> PyResult<Option<f64>> {
         if value.is_none() {
-            Ok(None)
-        } else {
-            value.extract::<f64>().map(Some).map_err(|_| {
-                PyTypeError::new_err(format!("range bounds of {name:?} must be numbers or None"))
-            })
+            return Ok(None);
         }
+        value.extract::<f64>().map(Some).map_err(|_| {
+            PyTypeError::new_err(format!("range bounds of {name:?} must be numbers or None"))
+        })
     };
-    // A tenuto.Range, or a (min, max) pair of inclusive bounds.
+    // A (min, max) pair of inclusive bounds, or a tenuto.Range.
     if let Ok((min, max)) = spec.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>() {
         return Ok(Range {
             min: bound(min)?,
@@ -49,11 +100,11 @@ fn range_of(name: &str, spec: &Bound<'_, PyAny>) -> PyResult<Range> {
         });
     }
     Ok(Range {
-        min: bound(attr("min")?)?,
-        max: bound(attr("max")?)?,
-        min_exclusive: attr("min_exclusive")?.is_truthy()?,
-        max_exclusive: attr("max_exclusive")?.is_truthy()?,
-        integer: attr("integer")?.is_truthy()?,
+        min: bound(spec.getattr("min")?)?,
+        max: bound(spec.getattr("max")?)?,
+        min_exclusive: spec.getattr("min_exclusive")?.is_truthy()?,
+        max_exclusive: spec.getattr("max_exclusive")?.is_truthy()?,
+        integer: spec.getattr("integer")?.is_truthy()?,
     })
 }
 
@@ -74,20 +125,18 @@ impl PyDefaults {
         false
     }
 
-    /// The value of `field` from `source`: present, not None and valid; an invalid one
-    /// is counted.
+    /// The value of `field` in `source` if present, not None and valid (an invalid one
+    /// is counted).
     fn take<'py>(
+        py: Python<'py>,
         field: &Field,
-        source: Option<&Bound<'py, PyMapping>>,
+        source: Option<&Source<'_, 'py>>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some(source) = source else {
             return Ok(None);
         };
-        let py = source.py();
-        let value = match source.get_item(field.name.bind(py)) {
-            Ok(v) => v,
-            Err(err) if err.is_instance_of::<pyo3::exceptions::PyKeyError>(py) => return Ok(None),
-            Err(err) => return Err(err),
+        let Some(value) = source.get(field.name.bind(py).as_any())? else {
+            return Ok(None);
         };
         if value.is_none() {
             return Ok(None);
@@ -103,24 +152,33 @@ impl PyDefaults {
     fn complete_one<'py>(
         &self,
         py: Python<'py>,
-        existing: Option<&Bound<'py, PyMapping>>,
-        fetched: Option<&Bound<'py, PyMapping>>,
+        existing: Option<&Source<'_, 'py>>,
+        fetched: Option<&Source<'_, 'py>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
-        // Keys without defaults pass through: existing first, then fetched (non-None).
+        let names = self.names.bind(py);
+        // Other keys pass through: existing's first, then fetched's where existing had
+        // none or None.
         for source in [existing, fetched].into_iter().flatten() {
-            for item in source.items()?.iter() {
-                let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item.extract()?;
-                if !out.contains(&key)? && (!value.is_none() || !self.has_field(&key)) {
+            source.for_each(|key, value| {
+                if names.contains(&key)? {
+                    return Ok(());
+                }
+                let replace = match out.get_item(&key)? {
+                    None => true,
+                    Some(current) => current.is_none() && !value.is_none(),
+                };
+                if replace {
                     out.set_item(&key, &value)?;
                 }
-            }
+                Ok(())
+            })?;
         }
         let mut used_default = false;
         for field in &self.fields {
-            let value = match Self::take(field, existing)? {
+            let value = match Self::take(py, field, existing)? {
                 Some(v) => v,
-                None => match Self::take(field, fetched)? {
+                None => match Self::take(py, field, fetched)? {
                     Some(v) => v,
                     None => {
                         used_default = true;
@@ -137,35 +195,6 @@ impl PyDefaults {
         }
         Ok(out)
     }
-
-    fn has_field(&self, key: &Bound<'_, PyAny>) -> bool {
-        key.cast::<PyString>()
-            .ok()
-            .and_then(|k| k.to_str().ok())
-            .is_some_and(|k| {
-                self.fields
-                    .iter()
-                    .any(|f| f.name.bind(key.py()).to_str().is_ok_and(|n| n == k))
-            })
-    }
-}
-
-fn mapping_arg<'a, 'py>(
-    what: &str,
-    obj: &'a Bound<'py, PyAny>,
-) -> PyResult<Option<&'a Bound<'py, PyMapping>>> {
-    if obj.is_none() {
-        return Ok(None);
-    }
-    obj.cast::<PyMapping>().map(Some).map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{what} must be a mapping or None, not {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })
 }
 
 #[pymethods]
@@ -208,12 +237,10 @@ impl PyDefaults {
                 replaced: AtomicU64::new(0),
             });
         }
+        let names = PyFrozenSet::new(py, fields.iter().map(|f| f.name.bind(py)))?;
         if let Some(r) = &ranges {
             for key in r.keys()?.iter() {
-                if !fields
-                    .iter()
-                    .any(|f| f.name.bind(py).as_any().eq(&key).unwrap_or(false))
-                {
+                if !names.contains(&key)? {
                     return Err(PyValueError::new_err(format!(
                         "range given for {key}, which has no default"
                     )));
@@ -222,6 +249,7 @@ impl PyDefaults {
         }
         Ok(Self {
             fields,
+            names: names.unbind(),
             records: AtomicU64::new(0),
             with_defaults: AtomicU64::new(0),
         })
@@ -236,9 +264,9 @@ impl PyDefaults {
         fetched: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let none = py.None().into_bound(py);
-        let existing = mapping_arg("existing", existing.unwrap_or(&none))?;
-        let fetched = mapping_arg("fetched", fetched.unwrap_or(&none))?;
-        self.complete_one(py, existing, fetched)
+        let existing = source_of("existing", existing.unwrap_or(&none))?;
+        let fetched = source_of("fetched", fetched.unwrap_or(&none))?;
+        self.complete_one(py, existing.as_ref(), fetched.as_ref())
     }
 
     /// `{id: record}` for every id in either mapping (existing's order first).
@@ -250,32 +278,32 @@ impl PyDefaults {
         fetched_by_id: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let none = py.None().into_bound(py);
-        let existing = mapping_arg("existing_by_id", existing_by_id)?;
-        let fetched = mapping_arg("fetched_by_id", fetched_by_id.unwrap_or(&none))?;
+        let existing = source_of("existing_by_id", existing_by_id)?;
+        let fetched = source_of("fetched_by_id", fetched_by_id.unwrap_or(&none))?;
         let out = PyDict::new(py);
-        for source in [existing, fetched].into_iter().flatten() {
-            for id in source.keys()?.iter() {
+        for source in [&existing, &fetched].into_iter().flatten() {
+            source.for_each(|id, _| {
                 if out.contains(&id)? {
-                    continue;
+                    return Ok(());
                 }
-                let record_of =
-                    |m: Option<&Bound<'py, PyMapping>>| -> PyResult<Option<Bound<'py, PyAny>>> {
-                        match m {
-                            Some(m) if m.contains(&id)? => Ok(Some(m.get_item(&id)?)),
-                            _ => Ok(None),
-                        }
-                    };
-                let (e, f) = (record_of(existing)?, record_of(fetched)?);
+                let e = match &existing {
+                    Some(m) => m.get(&id)?,
+                    None => None,
+                };
+                let f = match &fetched {
+                    Some(m) => m.get(&id)?,
+                    None => None,
+                };
                 let e = match &e {
-                    Some(v) => mapping_arg("a record", v)?,
+                    Some(v) => source_of("a record", v)?,
                     None => None,
                 };
                 let f = match &f {
-                    Some(v) => mapping_arg("a record", v)?,
+                    Some(v) => source_of("a record", v)?,
                     None => None,
                 };
-                out.set_item(&id, self.complete_one(py, e, f)?)?;
-            }
+                out.set_item(&id, self.complete_one(py, e.as_ref(), f.as_ref())?)
+            })?;
         }
         Ok(out)
     }
@@ -308,7 +336,7 @@ impl PyDefaults {
         )
     }
 
-    /// Zeroes the counters (e.g. per batch, before logging `summary()`).
+    /// Zeroes the counters (e.g. per batch, after logging `summary()`).
     fn reset(&self) {
         self.records.store(0, Ordering::Relaxed);
         self.with_defaults.store(0, Ordering::Relaxed);
@@ -319,6 +347,7 @@ impl PyDefaults {
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.names)?;
         for f in &self.fields {
             visit.call(&f.default)?;
         }

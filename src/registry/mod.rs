@@ -1,6 +1,9 @@
 //! The bidirectional ID registry's pure parts: key names, record JSON in the host app's
 //! format, and reading a field back out of a stored record.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use serde_json::Value;
 
 use crate::codec::write_json_str;
@@ -11,6 +14,17 @@ pub mod py;
 /// Bulk operations split inputs into chunks of this many keys (one round trip each).
 pub const CHUNK: usize = 10_000;
 
+/// The registry's three kinds of record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `validated:{src}` → dst
+    Validated,
+    /// `reverse:{dst}` → src
+    Reverse,
+    /// `missing:{src}` → reason
+    Missing,
+}
+
 /// How the registry names its keys, below the cache namespace.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -20,6 +34,14 @@ pub struct Layout {
 }
 
 impl Layout {
+    pub fn key(&self, table: Table, id: &str) -> String {
+        match table {
+            Table::Validated => self.validated_key(id),
+            Table::Reverse => self.reverse_key(id),
+            Table::Missing => self.missing_key(id),
+        }
+    }
+
     pub fn validated_key(&self, src: &str) -> String {
         format!("{}:validated:{src}", self.name)
     }
@@ -64,6 +86,100 @@ fn push_field(out: &mut String, name: &str, value: &str) {
     write_json_str(out, name, false);
     out.push(':');
     write_json_str(out, value, false);
+}
+
+/// One record kept in process memory: the ID (or reason) it names, already extracted.
+#[derive(Debug, Clone)]
+pub struct MemoryRecord {
+    pub names: Arc<str>,
+    pub expires_at: i64,
+}
+
+type RecordTable = HashMap<String, MemoryRecord, foldhash::fast::RandomState>;
+
+/// The registry's records when there is no Redis (or it is down): three hash maps behind
+/// one lock, taken once per bulk operation. A bulk check of 1,000 IDs is then 1,000
+/// hash lookups; moka, with its per-read bookkeeping, cost about 3× that.
+/// Bounded: when full, expired records go first, then arbitrary ones (the upstream is
+/// the source of truth; a forgotten mapping is fetched again).
+pub struct MemoryRecords {
+    tables: RwLock<[RecordTable; 3]>,
+    max_entries: usize,
+}
+
+fn slot(table: Table) -> usize {
+    match table {
+        Table::Validated => 0,
+        Table::Reverse => 1,
+        Table::Missing => 2,
+    }
+}
+
+impl MemoryRecords {
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            tables: RwLock::new(Default::default()),
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// What each `(table, id)` names, if recorded and not expired at `now`.
+    pub fn get_many(&self, wanted: &[(Table, &str)], now: i64) -> Vec<Option<Arc<str>>> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .iter()
+            .map(|(table, id)| {
+                tables[slot(*table)]
+                    .get(*id)
+                    .filter(|r| r.expires_at >= now)
+                    .map(|r| Arc::clone(&r.names))
+            })
+            .collect()
+    }
+
+    pub fn write(
+        &self,
+        sets: Vec<(Table, String, MemoryRecord)>,
+        deletes: &[(Table, String)],
+        now: i64,
+    ) {
+        let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        for (table, id) in deletes {
+            tables[slot(*table)].remove(id);
+        }
+        let incoming = sets.len();
+        let len: usize = tables.iter().map(|t| t.len()).sum();
+        if len + incoming > self.max_entries {
+            for table in tables.iter_mut() {
+                table.retain(|_, r| r.expires_at >= now);
+            }
+            let mut excess = (tables.iter().map(|t| t.len()).sum::<usize>() + incoming)
+                .saturating_sub(self.max_entries * 9 / 10);
+            for table in tables.iter_mut() {
+                let doomed: Vec<String> = table.keys().take(excess).cloned().collect();
+                excess -= doomed.len();
+                for id in doomed {
+                    table.remove(&id);
+                }
+            }
+        }
+        for (table, id, record) in sets {
+            tables[slot(table)].insert(id, record);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|t| t.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What a stored record says about one field.
@@ -143,6 +259,40 @@ mod tests {
         assert_eq!(
             missing,
             r#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
+        );
+    }
+
+    #[test]
+    fn memory_records_expire_and_stay_bounded() {
+        let store = MemoryRecords::new(100);
+        let rec = |names: &str, expires_at| MemoryRecord {
+            names: Arc::from(names),
+            expires_at,
+        };
+        store.write(vec![(Table::Validated, "s1".into(), rec("r1", 10))], &[], 0);
+        store.write(vec![(Table::Missing, "s2".into(), rec("gone", 5))], &[], 0);
+        let wanted = [
+            (Table::Validated, "s1"),
+            (Table::Missing, "s2"),
+            (Table::Reverse, "r1"),
+        ];
+        let got = store.get_many(&wanted, 5);
+        assert_eq!(got[0].as_deref(), Some("r1"));
+        assert_eq!(got[1].as_deref(), Some("gone"), "expiry is inclusive");
+        assert_eq!(got[2], None);
+        assert_eq!(store.get_many(&wanted, 6)[1], None, "expired");
+        store.write(Vec::new(), &[(Table::Validated, "s1".into())], 6);
+        assert_eq!(store.get_many(&wanted, 6)[0], None, "deleted");
+        let many = (0..500)
+            .map(|i| (Table::Missing, format!("m{i}"), rec("x", 100)))
+            .collect();
+        store.write(many, &[], 6);
+        assert!(store.len() <= 100 + 500 && !store.is_empty());
+        store.write(vec![(Table::Missing, "last".into(), rec("x", 100))], &[], 6);
+        assert!(store.len() <= 100, "bounded: {}", store.len());
+        assert!(
+            store.get_many(&[(Table::Missing, "last")], 6)[0].is_some(),
+            "the newest stays"
         );
     }
 

@@ -9,26 +9,38 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySet, PyString, PyTuple};
 
-use super::{field_of, iso8601_utc, Field, Layout, CHUNK};
-use crate::cache::py::{memory_record, store_record, CacheCore, PyCache};
+use super::{field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, Table, CHUNK};
+use crate::cache::py::{CacheCore, PyCache};
 use crate::cache::redis::{RedisStore, StoreError};
-use crate::codec::py::from_json;
-use crate::graveyard::release_pending;
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
-/// A record as read: JSON bytes from Redis, or the object kept in memory.
+/// A record as read: JSON bytes from Redis, or (from memory) the ID it names.
 enum Raw {
     Bytes(Vec<u8>),
-    Object(Py<PyAny>),
+    Names(Arc<str>),
 }
 
 type Reads = Vec<Option<Raw>>;
 
-/// Writes of one operation: `(key, record JSON, ttl seconds)` and keys to delete.
+/// What an operation reads: `(table, id)` pairs.
+type Wanted = Vec<(Table, String)>;
+
+/// One record to write: where, the ID (or reason) it names, its JSON, its TTL.
+struct RecordWrite {
+    table: Table,
+    id: String,
+    names: String,
+    json: String,
+    ttl: u64,
+}
+
+/// A SET as Redis gets it: key, value, TTL in seconds.
+type WireSet = (String, Vec<u8>, u64);
+
 #[derive(Default)]
 struct Writes {
-    sets: Vec<(String, String, u64)>,
-    deletes: Vec<String>,
+    sets: Vec<RecordWrite>,
+    deletes: Vec<(Table, String)>,
 }
 
 #[derive(Default)]
@@ -56,6 +68,8 @@ struct Registry {
     layout: Layout,
     validated_ttl: u64,
     missing_ttl: u64,
+    /// Where records live without Redis (or while it is down).
+    memory: MemoryRecords,
     counters: Counters,
 }
 
@@ -82,15 +96,34 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_default()
 }
 
-fn ids_of(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+/// IDs as given: their text for keys, and the str objects themselves for the answers
+/// (handing the caller's own str back is cheaper than making new ones).
+struct Ids {
+    text: Vec<String>,
+    objects: Vec<Py<PyString>>,
+}
+
+impl std::ops::Deref for Ids {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        &self.text
+    }
+}
+
+fn ids_of(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Ids> {
     if ids.cast::<PyString>().is_ok() {
         return Err(PyTypeError::new_err(format!(
             "expected an iterable of {what} IDs, not a single str"
         )));
     }
-    ids.try_iter()?
-        .map(|id| Ok(id_of(what, &id?)?.to_owned()))
-        .collect()
+    let (mut text, mut objects) = (Vec::new(), Vec::new());
+    for id in ids.try_iter()? {
+        let id = id?;
+        text.push(id_of(what, &id)?.to_owned());
+        objects.push(id.cast_into::<PyString>()?.unbind());
+    }
+    Ok(Ids { text, objects })
 }
 
 fn pairs_of(pairs: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
@@ -120,19 +153,10 @@ impl Registry {
     }
 
     /// The target (or source) a record names, counting unreadable records as errors.
-    fn field(&self, py: Python<'_>, raw: &Raw, field: &str) -> Option<String> {
+    fn field(&self, raw: &Raw, field: &str) -> Option<String> {
         let found = match raw {
             Raw::Bytes(bytes) => field_of(bytes, field),
-            Raw::Object(obj) => match obj.bind(py).cast::<PyDict>() {
-                Ok(d) => match d.get_item(field).ok().flatten() {
-                    Some(v) => v
-                        .extract::<String>()
-                        .map(Field::Str)
-                        .unwrap_or(Field::Absent),
-                    None => Field::Absent,
-                },
-                Err(_) => Field::Corrupt,
-            },
+            Raw::Names(names) => return Some(names.to_string()),
         };
         match found {
             Field::Str(s) => Some(s),
@@ -143,45 +167,50 @@ impl Registry {
         }
     }
 
-    fn is_record(&self, py: Python<'_>, raw: &Raw) -> bool {
-        self.field(py, raw, &self.layout.source_field).is_some()
+    fn is_record(&self, raw: &Raw) -> bool {
+        self.field(raw, &self.layout.source_field).is_some()
     }
 
-    fn memory_reads(&self, py: Python<'_>, keys: &[String]) -> PyResult<Reads> {
+    fn memory_reads(&self, py: Python<'_>, wanted: &Wanted) -> PyResult<Reads> {
         let now = self.now(py)?;
-        let reads = keys
-            .iter()
-            .map(|k| memory_record(&self.cache, py, k, now).map(Raw::Object))
-            .collect();
-        release_pending(py);
-        Ok(reads)
+        let refs: Vec<(Table, &str)> = wanted.iter().map(|(t, id)| (*t, id.as_str())).collect();
+        Ok(self
+            .memory
+            .get_many(&refs, now)
+            .into_iter()
+            .map(|n| n.map(Raw::Names))
+            .collect())
     }
 
     fn finish_reads(
         &self,
         py: Python<'_>,
-        keys: &[String],
+        wanted: &Wanted,
         result: Result<Vec<Option<Vec<u8>>>, StoreError>,
     ) -> PyResult<Reads> {
         match result {
             Ok(values) => Ok(values.into_iter().map(|v| v.map(Raw::Bytes)).collect()),
             Err(err) => {
                 self.cache.absorb(err)?;
-                self.memory_reads(py, keys)
+                self.memory_reads(py, wanted)
             }
         }
     }
 
     fn memory_writes(&self, py: Python<'_>, writes: &Writes) -> PyResult<()> {
         let now = self.now(py)?;
-        for (key, json, ttl) in &writes.sets {
-            let payload = from_json(py, json).map_err(PyValueError::new_err)?;
-            store_record(&self.cache, py, key, payload, *ttl, now)?;
-        }
-        for key in &writes.deletes {
-            self.cache.memory.remove(key);
-        }
-        release_pending(py);
+        let sets = writes
+            .sets
+            .iter()
+            .map(|w| {
+                let record = MemoryRecord {
+                    names: Arc::from(w.names.as_str()),
+                    expires_at: now + w.ttl as i64,
+                };
+                (w.table, w.id.clone(), record)
+            })
+            .collect();
+        self.memory.write(sets, &writes.deletes, now);
         Ok(())
     }
 
@@ -192,13 +221,12 @@ impl Registry {
         result: Option<Result<(), StoreError>>,
     ) -> PyResult<()> {
         match result {
+            // Written to Redis: forget memory copies from an outage, so they cannot come
+            // back as stale answers in a later one.
             Some(Ok(())) => {
-                // Also drop memory copies written during an outage, so they cannot come
-                // back as stale answers in a later one.
-                for key in writes.sets.iter().map(|(k, _, _)| k).chain(&writes.deletes) {
-                    self.cache.memory.remove(key);
-                }
-                release_pending(py);
+                let mut forget = writes.deletes.clone();
+                forget.extend(writes.sets.iter().map(|w| (w.table, w.id.clone())));
+                self.memory.write(Vec::new(), &forget, self.now(py)?);
                 Ok(())
             }
             Some(Err(err)) => {
@@ -209,15 +237,24 @@ impl Registry {
         }
     }
 
-    fn redis_keys(&self, keys: &[String]) -> Vec<String> {
-        keys.iter().map(|k| self.cache.redis_key(k)).collect()
+    fn redis_keys(&self, wanted: &Wanted) -> Vec<String> {
+        wanted
+            .iter()
+            .map(|(t, id)| self.cache.redis_key(&self.layout.key(*t, id)))
+            .collect()
     }
 
-    fn wire(&self, writes: &Writes) -> (Vec<(String, Vec<u8>, u64)>, Vec<String>) {
+    fn wire(&self, writes: &Writes) -> (Vec<WireSet>, Vec<String>) {
         let sets = writes
             .sets
             .iter()
-            .map(|(k, json, ttl)| (self.cache.redis_key(k), json.clone().into_bytes(), *ttl))
+            .map(|w| {
+                (
+                    self.cache.redis_key(&self.layout.key(w.table, &w.id)),
+                    w.json.clone().into_bytes(),
+                    w.ttl,
+                )
+            })
             .collect();
         (sets, self.redis_keys(&writes.deletes))
     }
@@ -226,16 +263,23 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for (src, dst) in pairs {
-            let record = self.layout.validated_record(src, dst, &at);
-            writes.sets.push((
-                self.layout.validated_key(src),
-                record.clone(),
-                self.validated_ttl,
-            ));
-            writes
-                .sets
-                .push((self.layout.reverse_key(dst), record, self.validated_ttl));
-            writes.deletes.push(self.layout.missing_key(src));
+            let json = self.layout.validated_record(src, dst, &at);
+            let ttl = self.validated_ttl;
+            writes.sets.push(RecordWrite {
+                table: Table::Validated,
+                id: src.clone(),
+                names: dst.clone(),
+                json: json.clone(),
+                ttl,
+            });
+            writes.sets.push(RecordWrite {
+                table: Table::Reverse,
+                id: dst.clone(),
+                names: src.clone(),
+                json,
+                ttl,
+            });
+            writes.deletes.push((Table::Missing, src.clone()));
         }
         Ok(writes)
     }
@@ -244,14 +288,21 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for src in ids {
-            writes.sets.push((
-                self.layout.missing_key(src),
-                self.layout.missing_record(src, &at, reason),
-                self.missing_ttl,
-            ));
+            let json = self.layout.missing_record(src, &at, reason);
+            writes.sets.push(RecordWrite {
+                table: Table::Missing,
+                id: src.clone(),
+                names: reason.to_owned(),
+                json,
+                ttl: self.missing_ttl,
+            });
         }
         Ok(writes)
     }
+}
+
+fn wanted(table: Table, ids: &[String]) -> Wanted {
+    ids.iter().map(|id| (table, id.clone())).collect()
 }
 
 async fn mget_chunked(
@@ -289,7 +340,7 @@ pub struct PyIdRegistry {
 type Finish = Box<dyn for<'py> FnOnce(Python<'py>, &Registry, Reads) -> PyResult<Py<PyAny>> + Send>;
 
 impl PyIdRegistry {
-    fn read(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<Reads> {
+    fn read(&self, py: Python<'_>, keys: Wanted) -> PyResult<Reads> {
         let reg = &self.inner;
         match reg.cache.route()? {
             None => reg.memory_reads(py, &keys),
@@ -304,7 +355,7 @@ impl PyIdRegistry {
     fn aread<'py>(
         &self,
         py: Python<'py>,
-        keys: Vec<String>,
+        keys: Wanted,
         finish: Finish,
     ) -> PyResult<Bound<'py, PyAny>> {
         let reg = Arc::clone(&self.inner);
@@ -359,16 +410,12 @@ impl PyIdRegistry {
 }
 
 /// `(to_check, known_missing)` from the reads of `missing:{id}` keys, input order kept.
-fn split_missing(
-    py: Python<'_>,
-    reg: &Registry,
-    ids: &[String],
-    reads: Reads,
-) -> PyResult<Py<PyAny>> {
+fn split_missing(py: Python<'_>, reg: &Registry, ids: &Ids, reads: Reads) -> PyResult<Py<PyAny>> {
     let to_check = PyList::empty(py);
     let known = PyList::empty(py);
-    for (id, read) in ids.iter().zip(reads) {
-        if read.is_some_and(|r| reg.is_record(py, &r)) {
+    for (id, read) in ids.objects.iter().zip(reads) {
+        let id = id.bind(py);
+        if read.is_some_and(|r| reg.is_record(&r)) {
             bump(&reg.counters.missing, 1);
             known.append(id)?;
         } else {
@@ -384,13 +431,14 @@ fn split_missing(
 fn mapping(
     py: Python<'_>,
     reg: &Registry,
-    ids: &[String],
+    ids: &Ids,
     reads: Reads,
     field: &str,
 ) -> PyResult<Py<PyAny>> {
     let out = PyDict::new(py);
-    for (id, read) in ids.iter().zip(reads) {
-        match read.and_then(|r| reg.field(py, &r, field)) {
+    for (id, read) in ids.objects.iter().zip(reads) {
+        let id = id.bind(py);
+        match read.and_then(|r| reg.field(&r, field)) {
             Some(other) => {
                 bump(&reg.counters.validated, 1);
                 out.set_item(id, other)?;
@@ -402,20 +450,16 @@ fn mapping(
 }
 
 /// `({src: dst} known, {src} known missing)` from reads of validated keys then missing keys.
-fn classify(
-    py: Python<'_>,
-    reg: &Registry,
-    ids: &[String],
-    mut reads: Reads,
-) -> PyResult<Py<PyAny>> {
+fn classify(py: Python<'_>, reg: &Registry, ids: &Ids, mut reads: Reads) -> PyResult<Py<PyAny>> {
     let missing_reads = reads.split_off(ids.len());
     let known = PyDict::new(py);
     let missing = PySet::empty(py)?;
-    for ((id, validated), marked) in ids.iter().zip(reads).zip(missing_reads) {
-        if let Some(dst) = validated.and_then(|r| reg.field(py, &r, &reg.layout.target_field)) {
+    for ((id, validated), marked) in ids.objects.iter().zip(reads).zip(missing_reads) {
+        let id = id.bind(py);
+        if let Some(dst) = validated.and_then(|r| reg.field(&r, &reg.layout.target_field)) {
             bump(&reg.counters.validated, 1);
             known.set_item(id, dst)?;
-        } else if marked.is_some_and(|r| reg.is_record(py, &r)) {
+        } else if marked.is_some_and(|r| reg.is_record(&r)) {
             bump(&reg.counters.missing, 1);
             missing.add(id)?;
         } else {
@@ -475,6 +519,9 @@ impl PyIdRegistry {
                 },
                 validated_ttl: ttl_arg("validated_ttl", validated_ttl)?,
                 missing_ttl: ttl_arg("missing_ttl", missing_ttl)?,
+                memory: MemoryRecords::new(
+                    cache.get().core.memory.capacity().min(usize::MAX as u64) as usize,
+                ),
                 counters: Counters::default(),
             }),
         })
@@ -522,12 +569,15 @@ impl PyIdRegistry {
     /// The target ID recorded for `src`, or None.
     fn get(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![reg.layout.validated_key(id_of("source", src)?)])?;
+        let reads = self.read(
+            py,
+            vec![(Table::Validated, id_of("source", src)?.to_owned())],
+        )?;
         let found = reads
             .into_iter()
             .next()
             .flatten()
-            .and_then(|r| reg.field(py, &r, &reg.layout.target_field));
+            .and_then(|r| reg.field(&r, &reg.layout.target_field));
         bump(
             if found.is_some() {
                 &reg.counters.validated
@@ -542,12 +592,12 @@ impl PyIdRegistry {
     /// The source ID recorded for target `dst`, or None.
     fn reverse(&self, py: Python<'_>, dst: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![reg.layout.reverse_key(id_of("target", dst)?)])?;
+        let reads = self.read(py, vec![(Table::Reverse, id_of("target", dst)?.to_owned())])?;
         let found = reads
             .into_iter()
             .next()
             .flatten()
-            .and_then(|r| reg.field(py, &r, &reg.layout.source_field));
+            .and_then(|r| reg.field(&r, &reg.layout.source_field));
         bump(
             if found.is_some() {
                 &reg.counters.validated
@@ -561,12 +611,12 @@ impl PyIdRegistry {
 
     fn is_missing(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<bool> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![reg.layout.missing_key(id_of("source", src)?)])?;
+        let reads = self.read(py, vec![(Table::Missing, id_of("source", src)?.to_owned())])?;
         let missing = reads
             .into_iter()
             .next()
             .flatten()
-            .is_some_and(|r| reg.is_record(py, &r));
+            .is_some_and(|r| reg.is_record(&r));
         bump(
             if missing {
                 &reg.counters.missing
@@ -582,17 +632,17 @@ impl PyIdRegistry {
     fn forget(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<()> {
         let reg = &self.inner;
         let src = id_of("source", src)?.to_owned();
-        let reads = self.read(py, vec![reg.layout.validated_key(&src)])?;
+        let reads = self.read(py, vec![(Table::Validated, src.clone())])?;
         let dst = reads
             .into_iter()
             .next()
             .flatten()
-            .and_then(|r| reg.field(py, &r, &reg.layout.target_field));
+            .and_then(|r| reg.field(&r, &reg.layout.target_field));
         let mut writes = Writes::default();
-        writes.deletes.push(reg.layout.validated_key(&src));
-        writes.deletes.push(reg.layout.missing_key(&src));
+        writes.deletes.push((Table::Validated, src.clone()));
+        writes.deletes.push((Table::Missing, src.clone()));
         if let Some(dst) = dst {
-            writes.deletes.push(reg.layout.reverse_key(&dst));
+            writes.deletes.push((Table::Reverse, dst));
         }
         self.write(py, writes)
     }
@@ -601,10 +651,7 @@ impl PyIdRegistry {
     /// duplicates kept. One round trip.
     fn bulk_check_missing(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let ids = ids_of("source", ids)?;
-        let keys = ids
-            .iter()
-            .map(|id| self.inner.layout.missing_key(id))
-            .collect();
+        let keys = wanted(Table::Missing, &ids);
         let reads = self.read(py, keys)?;
         split_missing(py, &self.inner, &ids, reads)
     }
@@ -615,10 +662,7 @@ impl PyIdRegistry {
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ids = ids_of("source", ids)?;
-        let keys = ids
-            .iter()
-            .map(|id| self.inner.layout.missing_key(id))
-            .collect();
+        let keys = wanted(Table::Missing, &ids);
         self.aread(
             py,
             keys,
@@ -629,10 +673,7 @@ impl PyIdRegistry {
     /// `{src: dst}` for the known IDs among `ids`. One round trip.
     fn bulk_get(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let ids = ids_of("source", ids)?;
-        let keys = ids
-            .iter()
-            .map(|id| self.inner.layout.validated_key(id))
-            .collect();
+        let keys = wanted(Table::Validated, &ids);
         let reads = self.read(py, keys)?;
         mapping(
             py,
@@ -649,10 +690,7 @@ impl PyIdRegistry {
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ids = ids_of("source", ids)?;
-        let keys = ids
-            .iter()
-            .map(|id| self.inner.layout.validated_key(id))
-            .collect();
+        let keys = wanted(Table::Validated, &ids);
         self.aread(
             py,
             keys,
@@ -663,10 +701,7 @@ impl PyIdRegistry {
     /// `{dst: src}` for the known target IDs among `dsts`. One round trip.
     fn bulk_reverse(&self, py: Python<'_>, dsts: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let dsts = ids_of("target", dsts)?;
-        let keys = dsts
-            .iter()
-            .map(|id| self.inner.layout.reverse_key(id))
-            .collect();
+        let keys = wanted(Table::Reverse, &dsts);
         let reads = self.read(py, keys)?;
         mapping(
             py,
@@ -683,10 +718,7 @@ impl PyIdRegistry {
         dsts: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let dsts = ids_of("target", dsts)?;
-        let keys = dsts
-            .iter()
-            .map(|id| self.inner.layout.reverse_key(id))
-            .collect();
+        let keys = wanted(Table::Reverse, &dsts);
         self.aread(
             py,
             keys,
@@ -798,11 +830,9 @@ impl PyIdRegistry {
 }
 
 impl PyIdRegistry {
-    fn classify_keys(&self, ids: &[String]) -> Vec<String> {
-        let layout = &self.inner.layout;
-        ids.iter()
-            .map(|id| layout.validated_key(id))
-            .chain(ids.iter().map(|id| layout.missing_key(id)))
-            .collect()
+    fn classify_keys(&self, ids: &[String]) -> Wanted {
+        let mut keys = wanted(Table::Validated, ids);
+        keys.extend(wanted(Table::Missing, ids));
+        keys
     }
 }

@@ -106,3 +106,4 @@ def bench(session: nox.Session) -> None:
     env = {"TENUTO_BENCH_OUT": os.environ.get("TENUTO_BENCH_OUT", "")}
     session.run("python", "benches/bench_cache.py", *session.posargs, env=env)
     session.run("python", "benches/bench_cached.py", *session.posargs)
+    session.run("python", "benches/bench_registry.py", *session.posargs)

@@ -59,3 +59,13 @@ async def decorated_async(cache: tenuto.Cache) -> str | None:
 def singleflight() -> int:
     sf = tenuto.SingleFlight()
     return sf.do("k", lambda: 1) + len(sf)
+
+
+def registry(cache: tenuto.Cache) -> dict[str, str]:
+    reg = tenuto.IdRegistry(cache, name="reccobeat")
+    reg.mark_validated("s1", "r1")
+    to_check, known_missing = reg.bulk_check_missing(["s1", "s2"])
+    defaults = tenuto.Defaults(tenuto.AUDIO_FEATURE_DEFAULTS, tenuto.AUDIO_FEATURE_RANGES)
+    record: dict[str, object] = defaults.complete({"tempo": 120.0}, None)
+    print(to_check, known_missing, record, defaults.summary())
+    return reg.bulk_get(["s1"])

@@ -6,7 +6,6 @@ The public names live here; ``tenuto._core`` is the native module behind them.
 """
 
 from tenuto._cached import Backoff
-from tenuto._defaults import AUDIO_FEATURE_DEFAULTS, AUDIO_FEATURE_RANGES, Defaults, Range
 from tenuto._core import (
     BackendError,
     BackendUnavailable,
@@ -17,6 +16,7 @@ from tenuto._core import (
     __version__,
     stable_key,
 )
+from tenuto._defaults import AUDIO_FEATURE_DEFAULTS, AUDIO_FEATURE_RANGES, Defaults, Range
 from tenuto._registry import IdRegistry, ResolveError
 from tenuto._request import RequestState, current_state, request_scope
 from tenuto._singleflight import SingleFlight

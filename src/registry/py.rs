@@ -485,7 +485,7 @@ impl PyIdRegistry {
     #[new]
     #[pyo3(signature = (
         cache, name = "reccobeat", source_field = "spotify_id", target_field = "reccobeat_id",
-        validated_ttl = 180.0 * 86400.0, missing_ttl = 14.0 * 86400.0
+        validated_ttl = 15_552_000.0, missing_ttl = 1_209_600.0  // 180 and 14 days
     ))]
     fn new(
         cache: &Bound<'_, PyCache>,

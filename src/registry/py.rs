@@ -168,7 +168,10 @@ impl Registry {
     }
 
     fn is_record(&self, raw: &Raw) -> bool {
-        self.field(raw, &self.layout.source_field).is_some()
+        match raw {
+            Raw::Names(_) => true,
+            Raw::Bytes(_) => self.field(raw, &self.layout.source_field).is_some(),
+        }
     }
 
     fn memory_reads(&self, py: Python<'_>, wanted: &Wanted) -> PyResult<Reads> {
@@ -416,12 +419,12 @@ fn split_missing(py: Python<'_>, reg: &Registry, ids: &Ids, reads: Reads) -> PyR
     for (id, read) in ids.objects.iter().zip(reads) {
         let id = id.bind(py);
         if read.is_some_and(|r| reg.is_record(&r)) {
-            bump(&reg.counters.missing, 1);
             known.append(id)?;
         } else {
             to_check.append(id)?;
         }
     }
+    bump(&reg.counters.missing, known.len());
     Ok(PyTuple::new(py, [to_check.into_any(), known.into_any()])?
         .into_any()
         .unbind())

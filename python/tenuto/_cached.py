@@ -9,13 +9,14 @@ The time spent here is dominated by the upstream call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -93,6 +94,24 @@ if hasattr(os, "register_at_fork"):
 
 # Async refreshes are tasks; keep them referenced until done so they are not collected.
 _tasks: set[asyncio.Task[Any]] = set()
+
+
+@contextlib.contextmanager
+def _landing(flight: Any, key: str) -> Iterator[list[_Loaded]]:
+    """Lands a background refresh's flight with what the block appends, or with its
+    error (logged, not raised: nobody awaits a background refresh); an interrupted
+    refresh abandons the flight so a waiter takes over."""
+    outcome: list[_Loaded] = []
+    try:
+        yield outcome
+    except Exception as exc:
+        log.warning("background refresh of %s failed: %r", key, exc)
+        flight.land_error(exc)
+    except BaseException:
+        flight.abandon()
+        raise
+    else:
+        flight.land_value(outcome[0])
 
 
 class _CachedBase(CachedCall):
@@ -203,16 +222,8 @@ class CachedFunction(_CachedBase):
     def _run_refresh(
         self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
     ) -> None:
-        try:
-            loaded = self._load(key, args, kwargs, found)
-        except Exception as exc:
-            log.warning("background refresh of %s failed: %r", key, exc)
-            flight.land_error(exc)
-        except BaseException:
-            flight.abandon()
-            raise
-        else:
-            flight.land_value(loaded)
+        with _landing(flight, key) as outcome:
+            outcome.append(self._load(key, args, kwargs, found))
 
     # Public helpers, named after the call they describe.
 
@@ -314,16 +325,8 @@ class AsyncCachedFunction(_CachedBase):
     async def _run_refresh(
         self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
     ) -> None:
-        try:
-            loaded = await self._aload(key, args, kwargs, found)
-        except Exception as exc:
-            log.warning("background refresh of %s failed: %r", key, exc)
-            flight.land_error(exc)
-        except BaseException:
-            flight.abandon()
-            raise
-        else:
-            flight.land_value(loaded)
+        with _landing(flight, key) as outcome:
+            outcome.append(await self._aload(key, args, kwargs, found))
 
     async def lookup(self, *args: Any, **kwargs: Any) -> Lookup:
         """Calls through the cache and says how (see the sync `lookup`)."""

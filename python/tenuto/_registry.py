@@ -39,6 +39,12 @@ class ResolveError(TenutoError):
         self.errors = errors
 
 
+def _abandon(batch: list[tuple[str, Flight]]) -> None:
+    """Ends these flights without an answer; their waiters take over."""
+    for _, flight in batch:
+        flight.abandon()
+
+
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -143,10 +149,8 @@ class IdRegistry(IdRegistryCore):
 
         try:
             await asyncio.gather(*(run(b) for b in _batches(leading, batch_size)))
-        except BaseException:
-            for _, flight in leading:  # cancelled: let the waiters of these IDs take over
-                if flight.is_leader:
-                    flight.abandon()
+        except BaseException:  # cancelled: let the waiters of these IDs take over
+            _abandon([(src, flight) for src, flight in leading if flight.is_leader])
             raise
         resolved = {src: await flight.wait_async() for src, flight in following.items()}
         return self._result(ids, known, leading, resolved, failures)
@@ -181,12 +185,9 @@ class IdRegistry(IdRegistryCore):
         except Exception as exc:
             return self._fail(batch, exc)
         except BaseException:
-            for _, flight in batch:
-                flight.abandon()
+            _abandon(batch)
             raise
-        self._count_fetch(len(srcs))
-        for src, flight in batch:
-            flight.land_value(pairs.get(src))
+        self._succeed(batch, pairs)
         return None
 
     async def _afetch_batch(
@@ -200,13 +201,15 @@ class IdRegistry(IdRegistryCore):
         except Exception as exc:
             return self._fail(batch, exc)
         except BaseException:
-            for _, flight in batch:
-                flight.abandon()
+            _abandon(batch)
             raise
-        self._count_fetch(len(srcs))
+        self._succeed(batch, pairs)
+        return None
+
+    def _succeed(self, batch: list[tuple[str, Flight]], pairs: dict[str, str]) -> None:
+        self._count_fetch(len(batch))
         for src, flight in batch:
             flight.land_value(pairs.get(src))
-        return None
 
     def _fail(
         self, batch: list[tuple[str, Flight]], exc: Exception

@@ -653,10 +653,7 @@ impl PyIdRegistry {
     /// `(to_check, known_missing)`: `ids` split by their missing marks, order and
     /// duplicates kept. One round trip.
     fn bulk_check_missing(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let ids = ids_of("source", ids)?;
-        let keys = wanted(Table::Missing, &ids);
-        let reads = self.read(py, keys)?;
-        split_missing(py, &self.inner, &ids, reads)
+        self.bulk_read(py, Table::Missing, ids)
     }
 
     fn abulk_check_missing<'py>(
@@ -664,27 +661,12 @@ impl PyIdRegistry {
         py: Python<'py>,
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ids = ids_of("source", ids)?;
-        let keys = wanted(Table::Missing, &ids);
-        self.aread(
-            py,
-            keys,
-            Box::new(move |py, reg, reads| split_missing(py, reg, &ids, reads)),
-        )
+        self.abulk_read(py, Table::Missing, ids)
     }
 
     /// `{src: dst}` for the known IDs among `ids`. One round trip.
     fn bulk_get(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let ids = ids_of("source", ids)?;
-        let keys = wanted(Table::Validated, &ids);
-        let reads = self.read(py, keys)?;
-        mapping(
-            py,
-            &self.inner,
-            &ids,
-            reads,
-            &self.inner.layout.target_field,
-        )
+        self.bulk_read(py, Table::Validated, ids)
     }
 
     fn abulk_get<'py>(
@@ -692,27 +674,12 @@ impl PyIdRegistry {
         py: Python<'py>,
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ids = ids_of("source", ids)?;
-        let keys = wanted(Table::Validated, &ids);
-        self.aread(
-            py,
-            keys,
-            Box::new(move |py, reg, reads| mapping(py, reg, &ids, reads, &reg.layout.target_field)),
-        )
+        self.abulk_read(py, Table::Validated, ids)
     }
 
     /// `{dst: src}` for the known target IDs among `dsts`. One round trip.
     fn bulk_reverse(&self, py: Python<'_>, dsts: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let dsts = ids_of("target", dsts)?;
-        let keys = wanted(Table::Reverse, &dsts);
-        let reads = self.read(py, keys)?;
-        mapping(
-            py,
-            &self.inner,
-            &dsts,
-            reads,
-            &self.inner.layout.source_field,
-        )
+        self.bulk_read(py, Table::Reverse, dsts)
     }
 
     fn abulk_reverse<'py>(
@@ -720,15 +687,7 @@ impl PyIdRegistry {
         py: Python<'py>,
         dsts: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let dsts = ids_of("target", dsts)?;
-        let keys = wanted(Table::Reverse, &dsts);
-        self.aread(
-            py,
-            keys,
-            Box::new(move |py, reg, reads| {
-                mapping(py, reg, &dsts, reads, &reg.layout.source_field)
-            }),
-        )
+        self.abulk_read(py, Table::Reverse, dsts)
     }
 
     /// Records every `(src, dst)` pair (a mapping or an iterable of pairs). One pipeline.
@@ -832,7 +791,56 @@ impl PyIdRegistry {
     }
 }
 
+/// The answer of a bulk read of `table`: missing marks split the IDs; mappings map them.
+fn answer(
+    py: Python<'_>,
+    reg: &Registry,
+    table: Table,
+    ids: &Ids,
+    reads: Reads,
+) -> PyResult<Py<PyAny>> {
+    match table {
+        Table::Missing => split_missing(py, reg, ids, reads),
+        Table::Validated => mapping(py, reg, ids, reads, &reg.layout.target_field),
+        Table::Reverse => mapping(py, reg, ids, reads, &reg.layout.source_field),
+    }
+}
+
+fn id_kind(table: Table) -> &'static str {
+    if table == Table::Reverse {
+        "target"
+    } else {
+        "source"
+    }
+}
+
 impl PyIdRegistry {
+    fn bulk_read(
+        &self,
+        py: Python<'_>,
+        table: Table,
+        ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let ids = ids_of(id_kind(table), ids)?;
+        let reads = self.read(py, wanted(table, &ids))?;
+        answer(py, &self.inner, table, &ids, reads)
+    }
+
+    fn abulk_read<'py>(
+        &self,
+        py: Python<'py>,
+        table: Table,
+        ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ids = ids_of(id_kind(table), ids)?;
+        let keys = wanted(table, &ids);
+        self.aread(
+            py,
+            keys,
+            Box::new(move |py, reg, reads| answer(py, reg, table, &ids, reads)),
+        )
+    }
+
     fn classify_keys(&self, ids: &[String]) -> Wanted {
         let mut keys = wanted(Table::Validated, ids);
         keys.extend(wanted(Table::Missing, ids));

@@ -11,6 +11,7 @@ pub mod defaults;
 pub mod error;
 pub mod flight;
 pub mod key;
+pub mod limit;
 pub mod registry;
 pub mod runtime;
 

@@ -1,0 +1,313 @@
+//! Rate limiting core (issue 5, first part): rate strings, and the two admission rules a
+//! limiter combines, both on nanosecond timestamps from an injected clock.
+//!
+//! The promise of every limiter is "never more than N admissions in any sliding window of
+//! the period". A GCRA or token bucket that starts with a full burst of N breaks it (it
+//! admits close to 2N in some window), and a GCRA whose burst is shrunk until it keeps
+//! the promise admits far less than N afterwards. So:
+//! - `SlidingLog` keeps the promise exactly: the last N admission times; a new one is
+//!   admitted when the oldest of them has left the window. N back to back are fine.
+//! - `Spacing` (GCRA with a tolerance) spreads admissions: at least `interval` apart on
+//!   average, at most `burst` back to back. Outbound limiters use both.
+
+use std::collections::VecDeque;
+
+use crate::error::{CoreError, CoreResult};
+
+const NANOS_PER_SEC: i64 = 1_000_000_000;
+
+/// `count` admissions per `period_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period_ns: i64,
+}
+
+impl Rate {
+    /// Parses `"80/minute"`, `"80 per minute"`, `"10/second"`, `"5/2seconds"`,
+    /// `"1000/hour"`, `"1000/day"` (units singular or plural, spaces optional).
+    pub fn parse(text: &str) -> CoreResult<Rate> {
+        let bad = || {
+            CoreError::invalid(format!(
+                "invalid rate {text:?}: expected e.g. \"80/minute\", \"80 per minute\", \"5/2seconds\" \
+                 (units: second, minute, hour, day)"
+            ))
+        };
+        let lower = text.trim().to_ascii_lowercase();
+        let (count, per) = match lower.split_once('/') {
+            Some(parts) => parts,
+            None => lower.split_once(" per ").ok_or_else(bad)?,
+        };
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(bad());
+        }
+        let per = per.trim();
+        let digits = per.chars().take_while(|c| c.is_ascii_digit()).count();
+        let multiple: i64 = if digits == 0 {
+            1
+        } else {
+            per[..digits].parse().map_err(|_| bad())?
+        };
+        let unit_secs = match per[digits..].trim() {
+            "s" | "sec" | "second" | "seconds" => 1,
+            "m" | "min" | "minute" | "minutes" => 60,
+            "h" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86_400,
+            _ => return Err(bad()),
+        };
+        if multiple == 0 {
+            return Err(bad());
+        }
+        let period_ns = multiple
+            .checked_mul(unit_secs)
+            .and_then(|s| s.checked_mul(NANOS_PER_SEC))
+            .ok_or_else(bad)?;
+        Ok(Rate { count, period_ns })
+    }
+
+    /// The even spacing of this rate: period / count.
+    pub fn interval_ns(&self) -> i64 {
+        (self.period_ns / i64::from(self.count)).max(1)
+    }
+}
+
+/// Exact "at most N in any window of the period": the times of the last N admissions.
+#[derive(Debug, Clone)]
+pub struct SlidingLog {
+    rate: Rate,
+    admitted: VecDeque<i64>,
+}
+
+impl SlidingLog {
+    pub fn new(rate: Rate) -> Self {
+        Self {
+            rate,
+            admitted: VecDeque::with_capacity(rate.count as usize),
+        }
+    }
+
+    /// Ok, or the nanoseconds until an admission would be allowed. Windows are half-open:
+    /// an admission at t leaves the window at t + period.
+    pub fn check(&self, now: i64) -> Result<(), i64> {
+        if self.admitted.len() < self.rate.count as usize {
+            return Ok(());
+        }
+        let oldest = self.admitted[0];
+        let frees_at = oldest + self.rate.period_ns;
+        if now >= frees_at {
+            Ok(())
+        } else {
+            Err(frees_at - now)
+        }
+    }
+
+    pub fn record(&mut self, now: i64) {
+        if self.admitted.len() == self.rate.count as usize {
+            self.admitted.pop_front();
+        }
+        self.admitted.push_back(now);
+    }
+}
+
+/// GCRA: admissions `interval` apart on average, at most `burst` back to back.
+#[derive(Debug, Clone)]
+pub struct Spacing {
+    interval_ns: i64,
+    tolerance_ns: i64,
+    /// Theoretical arrival time of the next admission.
+    tat: i64,
+}
+
+impl Spacing {
+    pub fn new(interval_ns: i64, burst: u32) -> Self {
+        let interval_ns = interval_ns.max(1);
+        Self {
+            interval_ns,
+            tolerance_ns: interval_ns * i64::from(burst.max(1) - 1),
+            tat: i64::MIN,
+        }
+    }
+
+    pub fn check(&self, now: i64) -> Result<(), i64> {
+        let tat = self.tat.max(now);
+        let earliest = tat - self.tolerance_ns;
+        if now >= earliest {
+            Ok(())
+        } else {
+            Err(earliest - now)
+        }
+    }
+
+    pub fn record(&mut self, now: i64) {
+        self.tat = self.tat.max(now) + self.interval_ns;
+    }
+}
+
+/// A limiter's admission state: the sliding log, spacing, or both (an admission must
+/// pass every rule; none is recorded unless all pass).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    log: Option<SlidingLog>,
+    spacing: Option<Spacing>,
+}
+
+impl Admission {
+    /// Outbound default: evenly spaced (`period / count`, or `min_interval_ns` when
+    /// larger), `burst` back to back at most, and never more than `count` per window.
+    pub fn outbound(rate: Rate, min_interval_ns: i64, burst: u32) -> Self {
+        let interval = rate.interval_ns().max(min_interval_ns);
+        Self {
+            log: Some(SlidingLog::new(rate)),
+            spacing: Some(Spacing::new(interval, burst)),
+        }
+    }
+
+    /// Inbound default: up to `count` back to back, never more than `count` per window.
+    pub fn inbound(rate: Rate) -> Self {
+        Self {
+            log: Some(SlidingLog::new(rate)),
+            spacing: None,
+        }
+    }
+
+    /// Admits (and records) at `now`, or says how long to wait.
+    pub fn try_admit(&mut self, now: i64) -> Result<(), i64> {
+        let wait = [
+            self.log.as_ref().map(|l| l.check(now)),
+            self.spacing.as_ref().map(|s| s.check(now)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(Result::err)
+        .max();
+        if let Some(wait) = wait {
+            return Err(wait);
+        }
+        if let Some(log) = &mut self.log {
+            log.record(now);
+        }
+        if let Some(spacing) = &mut self.spacing {
+            spacing.record(now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = NANOS_PER_SEC;
+
+    #[test]
+    fn rate_strings() {
+        let minute = Rate {
+            count: 80,
+            period_ns: 60 * S,
+        };
+        assert_eq!(Rate::parse("80/minute").unwrap(), minute);
+        assert_eq!(Rate::parse("80 per minute").unwrap(), minute);
+        assert_eq!(Rate::parse(" 80 / Minutes ").unwrap(), minute);
+        assert_eq!(
+            Rate::parse("10/second").unwrap(),
+            Rate {
+                count: 10,
+                period_ns: S
+            }
+        );
+        assert_eq!(
+            Rate::parse("5/2seconds").unwrap(),
+            Rate {
+                count: 5,
+                period_ns: 2 * S
+            }
+        );
+        assert_eq!(Rate::parse("1000/hour").unwrap().period_ns, 3600 * S);
+        assert_eq!(Rate::parse("1000/day").unwrap().period_ns, 86_400 * S);
+        for bad in [
+            "",
+            "80",
+            "80/fortnight",
+            "0/second",
+            "-1/second",
+            "x/second",
+            "5/0seconds",
+            "1.5/second",
+        ] {
+            let err = Rate::parse(bad).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    /// The largest number of admissions in any half-open window of `period` ns.
+    fn worst_window(times: &[i64], period: i64) -> usize {
+        let mut worst = 0;
+        let mut start = 0;
+        for (end, &t) in times.iter().enumerate() {
+            while times[start] + period <= t {
+                start += 1;
+            }
+            worst = worst.max(end - start + 1);
+        }
+        worst
+    }
+
+    /// Callers trying at pseudo-random moments (a fixed LCG, so the test is repeatable).
+    fn hammer(mut admission: Admission, period: i64, attempts: usize) -> Vec<i64> {
+        let mut admitted = Vec::new();
+        let mut now = 0i64;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..attempts {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            now += (seed >> 33) as i64 % (period / 40).max(1);
+            if admission.try_admit(now).is_ok() {
+                admitted.push(now);
+            }
+        }
+        admitted
+    }
+
+    #[test]
+    fn inbound_never_exceeds_n_in_any_window_and_allows_bursts() {
+        let rate = Rate::parse("50/second").unwrap();
+        let mut burst = Admission::inbound(rate);
+        assert!(
+            (0..50).all(|_| burst.try_admit(0).is_ok()),
+            "50 back to back"
+        );
+        assert_eq!(burst.try_admit(1), Err(S - 1));
+        assert!(burst.try_admit(S).is_ok(), "the first left the window");
+        let times = hammer(Admission::inbound(rate), S, 200_000);
+        assert_eq!(worst_window(&times, S), 50);
+        let elapsed = (times.last().unwrap() - times[0]) as f64 / S as f64;
+        let utilisation = times.len() as f64 / (50.0 * elapsed.ceil());
+        assert!(
+            utilisation > 0.97,
+            "admitted {utilisation:.3} of what the limit allows"
+        );
+    }
+
+    #[test]
+    fn outbound_is_evenly_spaced_and_bursts_are_bounded() {
+        let rate = Rate::parse("80/minute").unwrap();
+        let mut spaced = Admission::outbound(rate, 0, 1);
+        assert!(spaced.try_admit(0).is_ok());
+        assert_eq!(
+            spaced.try_admit(0),
+            Err(750_000_000),
+            "60 s / 80 = 0.75 s apart"
+        );
+        assert!(spaced.try_admit(750_000_000).is_ok());
+        let mut slower = Admission::outbound(rate, 2 * S, 1);
+        assert!(slower.try_admit(0).is_ok());
+        assert_eq!(slower.try_admit(S), Err(S), "min_interval wins when larger");
+        let mut bursty = Admission::outbound(rate, 0, 3);
+        assert!((0..3).all(|_| bursty.try_admit(0).is_ok()));
+        assert!(bursty.try_admit(0).is_err(), "at most 3 back to back");
+        for burst in [1, 5, 80] {
+            let times = hammer(Admission::outbound(rate, 0, burst), 60 * S, 100_000);
+            assert!(worst_window(&times, 60 * S) <= 80, "burst {burst}");
+        }
+    }
+}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ def readme_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
+# On Python 3.9, pytest-asyncio leaves its loop to be collected when a later test calls
+# asyncio.run (as the README does): a ResourceWarning unrelated to tenuto.
+py39_loop_warning = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning" if sys.version_info < (3, 10) else "error"
+)
+
+
+@py39_loop_warning
 def test_readme_examples_run(redis_server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", redis_server.url)
     monkeypatch.delenv("TENUTO_URL", raising=False)

@@ -12,6 +12,8 @@
 
 use std::collections::VecDeque;
 
+pub mod breaker;
+
 use crate::error::{CoreError, CoreResult};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;

@@ -40,6 +40,8 @@ mod _core {
     #[pymodule_export]
     use crate::key::py::stable_key;
     #[pymodule_export]
+    use crate::limit::py::{CircuitOpen, PyCircuitBreaker, PyRateLimiter, RateLimited};
+    #[pymodule_export]
     use crate::registry::py::PyIdRegistry;
     #[pymodule_export]
     use crate::runtime::py::Ready;

@@ -439,3 +439,25 @@ class TestBadArguments:
     def test_bad_backoff(self, kwargs) -> None:
         with pytest.raises((ValueError, TypeError)):
             tenuto.Backoff(**kwargs)
+
+
+def test_open_breaker_serves_stale(cache: tenuto.Cache, clock) -> None:
+    breaker = tenuto.CircuitBreaker(failures=1, reset_after=300, clock=clock)
+    upstream = Upstream()
+
+    @cache.cached(ttl=10, stale_ttl=1000, breaker=breaker)
+    def f(x: int) -> dict:
+        return upstream(x)
+
+    good = f(1)
+    upstream.fail = ConnectionError("503")
+    with pytest.raises(ConnectionError):
+        f(2)  # a miss with nothing stale: the error goes through, and the breaker opens
+    assert breaker.state == "open"
+    clock.advance(11)
+    calls = upstream.calls
+    stale = f._load(f.key(1), (1,), {}, cache.get(f.key(1)))
+    assert (stale.value, stale.stale_fallback) == (good, True)
+    assert upstream.calls == calls, "the open breaker kept the upstream from being called"
+    with pytest.raises(tenuto.CircuitOpen):
+        f(3)

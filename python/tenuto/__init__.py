@@ -17,6 +17,7 @@ from tenuto._core import (
     stable_key,
 )
 from tenuto._defaults import AUDIO_FEATURE_DEFAULTS, AUDIO_FEATURE_RANGES, Defaults, Range
+from tenuto._limits import CircuitBreaker, CircuitOpen, RateLimited, RateLimiter
 from tenuto._registry import IdRegistry, ResolveError
 from tenuto._request import RequestState, current_state, request_scope
 from tenuto._singleflight import SingleFlight
@@ -28,11 +29,15 @@ __all__ = [
     "BackendUnavailable",
     "Backoff",
     "Cache",
+    "CircuitBreaker",
+    "CircuitOpen",
     "Defaults",
     "Envelope",
     "IdRegistry",
     "Lookup",
     "Range",
+    "RateLimited",
+    "RateLimiter",
     "RequestState",
     "ResolveError",
     "SingleFlight",

@@ -125,6 +125,7 @@ class _CachedBase(CachedCall):
     _distributed: bool
     _lock_ttl: float
     _wait_timeout: float
+    _breaker: Any
     _flights: SingleFlight
 
     def __repr__(self) -> str:
@@ -186,7 +187,10 @@ class CachedFunction(_CachedBase):
                     return _Loaded(written.value, written.envelope, False)
         try:
             try:
-                value = self._fn(*args, **kwargs)
+                if self._breaker is None:
+                    value = self._fn(*args, **kwargs)
+                else:  # an open breaker raises CircuitOpen: stale data is served instead
+                    value = self._breaker.call(self._fn, *args, **kwargs)
             except Exception as exc:
                 return self._fallback(key, prior, exc)
             return _Loaded(value, self._store(key, value), False)
@@ -289,7 +293,10 @@ class AsyncCachedFunction(_CachedBase):
                     return _Loaded(written.value, written.envelope, False)
         try:
             try:
-                value = await self._fn(*args, **kwargs)
+                if self._breaker is None:
+                    value = await self._fn(*args, **kwargs)
+                else:
+                    value = await self._breaker.acall(self._fn, *args, **kwargs)
             except Exception as exc:
                 return self._fallback(key, prior, exc)
             return _Loaded(value, await self._astore(key, value), False)
@@ -374,6 +381,7 @@ def decorator(
     distributed: bool | None,
     lock_ttl: float,
     wait_timeout: float,
+    breaker: Any = None,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Builds the decorator returned by `Cache.cached` (arguments checked up front)."""
     _check_seconds("ttl", ttl)
@@ -388,6 +396,8 @@ def decorator(
         raise TypeError("key must be a callable taking the function's arguments")
     if negative is not None and not isinstance(negative, Backoff):
         raise TypeError("negative must be a tenuto.Backoff")
+    if breaker is not None and not (hasattr(breaker, "call") and hasattr(breaker, "acall")):
+        raise TypeError("breaker must be a tenuto.CircuitBreaker")
     use_lock = cache.backend == "redis" if distributed is None else bool(distributed)
 
     def decorate(fn: Callable[..., Any]) -> Any:
@@ -419,6 +429,7 @@ def decorator(
         wrapper._distributed = use_lock
         wrapper._lock_ttl = lock_ttl
         wrapper._wait_timeout = wait_timeout
+        wrapper._breaker = breaker
         wrapper._flights = SingleFlight()
         functools.update_wrapper(wrapper, fn)
         return wrapper

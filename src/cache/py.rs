@@ -1012,7 +1012,7 @@ impl PyCache {
     /// functions alike (see `tenuto.Cache.cached` in the README).
     #[pyo3(signature = (
         ttl, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
-        *, lock_ttl = 30.0, wait_timeout = 8.0
+        *, lock_ttl = 30.0, wait_timeout = 8.0, breaker = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn cached<'py>(
@@ -1025,6 +1025,7 @@ impl PyCache {
         distributed: Option<bool>,
         lock_ttl: f64,
         wait_timeout: f64,
+        breaker: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let kwargs = PyDict::new(py);
@@ -1036,6 +1037,7 @@ impl PyCache {
         kwargs.set_item("distributed", distributed)?;
         kwargs.set_item("lock_ttl", lock_ttl)?;
         kwargs.set_item("wait_timeout", wait_timeout)?;
+        kwargs.set_item("breaker", breaker)?;
         py.import("tenuto._cached")?
             .getattr("decorator")?
             .call((slf,), Some(&kwargs))

@@ -16,6 +16,14 @@ pub trait Clock: Send + Sync + 'static {
     fn now_secs(&self) -> i64 {
         self.now_nanos().div_euclid(1_000_000_000)
     }
+
+    /// Waits `nanos`: really for the system clock; a manual clock just moves on, so code
+    /// that waits (a blocking rate limiter) runs instantly and deterministically in tests.
+    fn sleep(&self, nanos: i64) {
+        if nanos > 0 {
+            std::thread::sleep(std::time::Duration::from_nanos(nanos as u64));
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -72,6 +80,10 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_nanos(&self) -> i64 {
         self.nanos.load(Ordering::SeqCst)
+    }
+
+    fn sleep(&self, nanos: i64) {
+        self.advance_nanos(nanos.max(0));
     }
 }
 

@@ -102,6 +102,17 @@ impl PyClock {
         }
     }
 
+    /// Waits `nanos` with the GIL released (a manual clock just moves on).
+    pub fn sleep(&self, py: Python<'_>, nanos: i64) {
+        match self {
+            PyClock::Native(clock) => {
+                let clock = clock.clone();
+                py.detach(move || clock.sleep(nanos));
+            }
+            PyClock::Callable(_) => py.detach(|| super::SystemClock.sleep(nanos)),
+        }
+    }
+
     pub fn traverse(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         match self {
             PyClock::Callable(f) => visit.call(f),

@@ -13,6 +13,8 @@
 use std::collections::VecDeque;
 
 pub mod breaker;
+#[cfg(feature = "python")]
+pub mod py;
 
 use crate::error::{CoreError, CoreResult};
 
@@ -105,10 +107,23 @@ impl SlidingLog {
     }
 
     pub fn record(&mut self, now: i64) {
-        if self.admitted.len() == self.rate.count as usize {
+        while self.admitted.len() >= self.rate.count as usize {
             self.admitted.pop_front();
         }
         self.admitted.push_back(now);
+    }
+
+    /// Admissions in the window ending at `now`.
+    pub fn used(&self, now: i64) -> usize {
+        self.admitted
+            .iter()
+            .filter(|&&t| t + self.rate.period_ns > now)
+            .count()
+    }
+
+    /// Changes N (adaptive slow-down); the recorded times stay.
+    pub fn set_count(&mut self, count: u32) {
+        self.rate.count = count.max(1);
     }
 }
 
@@ -144,6 +159,13 @@ impl Spacing {
     pub fn record(&mut self, now: i64) {
         self.tat = self.tat.max(now) + self.interval_ns;
     }
+
+    /// Changes the spacing (adaptive slow-down), keeping the burst size.
+    pub fn set_interval(&mut self, interval_ns: i64) {
+        let burst = self.tolerance_ns / self.interval_ns + 1;
+        self.interval_ns = interval_ns.max(1);
+        self.tolerance_ns = self.interval_ns * (burst - 1);
+    }
 }
 
 /// A limiter's admission state: the sliding log, spacing, or both (an admission must
@@ -170,6 +192,31 @@ impl Admission {
         Self {
             log: Some(SlidingLog::new(rate)),
             spacing: None,
+        }
+    }
+
+    /// `(limit, remaining, seconds until a slot frees)` for RateLimit-* headers.
+    pub fn window(&self, now: i64) -> (u32, u32, i64) {
+        match &self.log {
+            Some(log) => {
+                let used = log.used(now) as u32;
+                let reset = log.check(now).err().unwrap_or(0).max(0);
+                (log.rate.count, log.rate.count.saturating_sub(used), reset)
+            }
+            None => (0, 0, 0),
+        }
+    }
+
+    /// Scales the limit to `factor` (0 < factor ≤ 1) of `rate`: fewer per window,
+    /// spaced further apart.
+    pub fn scale(&mut self, rate: Rate, min_interval_ns: i64, factor: f64) {
+        let factor = factor.clamp(0.01, 1.0);
+        if let Some(log) = &mut self.log {
+            log.set_count(((f64::from(rate.count) * factor).floor() as u32).max(1));
+        }
+        if let Some(spacing) = &mut self.spacing {
+            let interval = rate.interval_ns().max(min_interval_ns);
+            spacing.set_interval((interval as f64 / factor).round() as i64);
         }
     }
 
@@ -287,6 +334,32 @@ mod tests {
         assert!(
             utilisation > 0.97,
             "admitted {utilisation:.3} of what the limit allows"
+        );
+    }
+
+    #[test]
+    fn window_and_scaling() {
+        let rate = Rate::parse("4/second").unwrap();
+        let mut a = Admission::inbound(rate);
+        assert_eq!(a.window(0), (4, 4, 0));
+        a.try_admit(0).unwrap();
+        a.try_admit(S / 2).unwrap();
+        assert_eq!(a.window(S / 2), (4, 2, 0));
+        a.scale(rate, 0, 0.5);
+        assert_eq!(
+            a.window(S / 2),
+            (2, 0, S / 2),
+            "halved: full until the first leaves"
+        );
+        assert!(a.try_admit(S / 2).is_err());
+        assert!(a.try_admit(S).is_ok());
+        let mut spaced = Admission::outbound(rate, 0, 1);
+        spaced.scale(rate, 0, 0.5);
+        spaced.try_admit(0).unwrap();
+        assert_eq!(
+            spaced.try_admit(0),
+            Err(S / 2),
+            "spacing doubled from 250 ms"
         );
     }
 

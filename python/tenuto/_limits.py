@@ -1,0 +1,160 @@
+"""`tenuto.RateLimiter` and `tenuto.CircuitBreaker`: the native cores plus context
+managers (sync and async) and decorators. In process for now."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tenuto._core import CircuitBreakerCore, CircuitOpen, RateLimited, RateLimiterCore
+
+__all__ = ["CircuitBreaker", "CircuitOpen", "RateLimited", "RateLimiter"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RateLimiter(RateLimiterCore):
+    """`RateLimiter(rate, min_interval=None, max_concurrency=None, burst=None,
+    name="default", *, mode="outbound", max_keys=100_000, clock=None)`.
+
+    Never more than N admissions in any sliding window of the period. Outbound (default):
+    admissions evenly spaced (period / N, or `min_interval` when larger), `burst` back to
+    back at most. Inbound: up to N back to back. `max_concurrency` caps the calls in
+    flight inside `with lim:` / `async with lim:` / `@lim.limit`, threads and tasks alike.
+    """
+
+    def __enter__(self) -> RateLimiter:
+        self._wait_slot()
+        try:
+            self.acquire()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def aacquire(self, timeout: float | None = None, key: str | None = None) -> None:
+        """Waits for admission without blocking the event loop; `RateLimited` when that
+        would take longer than `timeout` seconds."""
+        import asyncio
+
+        waited = 0.0
+        while True:
+            ok, retry_after = self.try_acquire(key)
+            if ok:
+                return
+            if timeout is not None and waited + retry_after > timeout:
+                err = RateLimited(
+                    f"rate limit {self.name!r} ({self.rate}): retry in {retry_after:.3f} s"
+                )
+                err.retry_after = retry_after  # type: ignore[attr-defined]
+                raise err
+            await asyncio.sleep(retry_after)
+            waited += retry_after
+
+    async def _aslot(self) -> None:
+        while not self._try_slot():
+            freed = self._slot_freed()
+            if self._try_slot():  # released between the two checks
+                freed.cancel()
+                return
+            await freed
+
+    async def __aenter__(self) -> RateLimiter:
+        await self._aslot()
+        try:
+            await self.aacquire()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def limit(self, fn: F) -> F:
+        """Decorator: every call (sync or async) goes through `with lim:`."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def limited_async(*args: Any, **kwargs: Any) -> Any:
+                async with self:
+                    return await fn(*args, **kwargs)
+
+            return limited_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return limited  # type: ignore[return-value]
+
+
+class CircuitBreaker(CircuitBreakerCore):
+    """`CircuitBreaker(failures=5, reset_after=30, half_open_max=1, name=None, *,
+    clock=None)`: closed → open after `failures` consecutive failures; open calls raise
+    `tenuto.CircuitOpen(retry_after)` at once; after `reset_after` seconds up to
+    `half_open_max` probes go through, and a probe's outcome closes or reopens it.
+    Exceptions count as failures; `BaseException`s (cancellation) count as nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Which calls in progress are probes, per thread / task (contexts do not leak).
+        self._probes: contextvars.ContextVar[tuple[bool, ...]] = contextvars.ContextVar(
+            f"tenuto_breaker_{id(self)}", default=()
+        )
+
+    def _enter(self) -> None:
+        self._probes.set((*self._probes.get(), self._permit()))
+
+    def _exit(self, exc: BaseException | None) -> None:
+        stack = self._probes.get()
+        probe = stack[-1] if stack else False
+        self._probes.set(stack[:-1])
+        if exc is None:
+            self._success(probe)
+        elif isinstance(exc, Exception):
+            self._failure(probe)
+
+    def __enter__(self) -> CircuitBreaker:
+        self._enter()
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._exit(exc)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        self._enter()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._exit(exc)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self:
+            return fn(*args, **kwargs)
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        async with self:
+            return await fn(*args, **kwargs)
+
+    def __call__(self, fn: F) -> F:
+        """Decorator for sync and async functions."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                return await self.acall(fn, *args, **kwargs)
+
+            return guarded_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded  # type: ignore[return-value]

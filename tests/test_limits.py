@@ -1,0 +1,241 @@
+"""In-process `tenuto.RateLimiter` and `tenuto.CircuitBreaker`, on a FakeClock (waiting
+moves the fake clock, so nothing sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import tenuto
+from tenuto.testing import FakeClock
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(0)
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "80", "80/fortnight", "0/minute", "eighty/minute", "5/0seconds", "1.5/second"]
+)
+def test_bad_rate_strings_name_the_string(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid rate"):
+        tenuto.RateLimiter(bad)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        tenuto.RateLimiter(80)
+    with pytest.raises(ValueError, match="burst"):
+        tenuto.RateLimiter("10/second", burst=11)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        tenuto.RateLimiter("10/second", max_concurrency=0)
+    with pytest.raises(ValueError, match="mode"):
+        tenuto.RateLimiter("10/second", mode="sideways")
+    with pytest.raises(ValueError, match="min_interval"):
+        tenuto.RateLimiter("10/second", min_interval=-1)
+
+
+@pytest.mark.parametrize("text", ["80/minute", "80 per minute", "80/minutes"])
+def test_outbound_is_evenly_spaced(clock: FakeClock, text: str) -> None:
+    lim = tenuto.RateLimiter(text, clock=clock)
+    assert lim.try_acquire() == (True, 0.0)
+    ok, retry_after = lim.try_acquire()
+    assert not ok and retry_after == pytest.approx(0.75)
+    clock.advance(0.75)
+    assert lim.try_acquire()[0]
+
+
+def test_min_interval_and_burst(clock: FakeClock) -> None:
+    slow = tenuto.RateLimiter("80/minute", min_interval=2.0, clock=clock)
+    assert slow.try_acquire()[0]
+    assert slow.try_acquire()[1] == pytest.approx(2.0)
+    bursty = tenuto.RateLimiter("80/minute", burst=3, clock=clock)
+    assert [bursty.try_acquire()[0] for _ in range(4)] == [True, True, True, False]
+
+
+def test_blocking_acquire_waits_on_the_clock(clock: FakeClock) -> None:
+    lim = tenuto.RateLimiter("4/second", clock=clock)
+    for _ in range(8):
+        lim.acquire()
+    assert clock.now() == pytest.approx(1.75), "8 admissions 250 ms apart"
+    with pytest.raises(tenuto.RateLimited) as raised:
+        lim.acquire(timeout=0.1)
+    assert raised.value.retry_after == pytest.approx(0.25)
+    assert isinstance(raised.value, tenuto.TenutoError)
+
+
+def test_inbound_allows_n_back_to_back_then_the_window(clock: FakeClock) -> None:
+    lim = tenuto.RateLimiter("60/minute", mode="inbound", clock=clock)
+    assert all(lim.try_acquire()[0] for _ in range(60))
+    ok, retry_after = lim.try_acquire()
+    assert not ok and retry_after == pytest.approx(60)
+    assert lim.window() == (60, 0, pytest.approx(60))
+    clock.advance(60)
+    assert lim.try_acquire()[0]
+
+
+def test_per_key_limits_are_separate_and_bounded(clock: FakeClock) -> None:
+    lim = tenuto.RateLimiter("2/minute", mode="inbound", max_keys=100, clock=clock)
+    assert [lim.try_acquire("10.0.0.1")[0] for _ in range(3)] == [True, True, False]
+    assert lim.try_acquire("10.0.0.2")[0]
+    for i in range(1000):
+        lim.try_acquire(f"client-{i}")
+    assert lim.stats()["keys"] <= 100
+
+
+def test_feedback_pauses_and_slows_then_recovers(clock: FakeClock) -> None:
+    lim = tenuto.RateLimiter("80/minute", clock=clock)
+    assert lim.try_acquire()[0]
+    lim.feedback(429, retry_after=30)
+    ok, retry_after = lim.try_acquire()
+    assert not ok and retry_after == pytest.approx(30)
+    assert lim.stats()["rate_factor"] == 0.5
+    clock.advance(30)
+    assert lim.try_acquire()[0]
+    assert lim.try_acquire()[1] == pytest.approx(1.5), "spacing doubled: 0.75 s -> 1.5 s"
+    for _ in range(5):
+        lim.feedback(200)
+    assert lim.stats()["rate_factor"] == 1.0, "additive recovery, up to the configured rate"
+    lim.feedback(429)
+    assert not lim.try_acquire()[0], "an exponential pause without Retry-After"
+
+
+def test_concurrency_cap_across_threads() -> None:
+    lim = tenuto.RateLimiter("100000/second", max_concurrency=3)
+    gate = threading.Event()
+    in_flight = peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal in_flight, peak
+        with lim:
+            with lock:
+                in_flight += 1
+                peak = max(peak, in_flight)
+            gate.wait(10)
+            with lock:
+                in_flight -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for t in threads:
+        t.start()
+    while lim.stats()["in_flight"] < 3:
+        threading.Event().wait(0.001)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert peak == 3 and lim.stats()["in_flight"] == 0
+
+
+async def test_concurrency_cap_across_tasks() -> None:
+    lim = tenuto.RateLimiter("100000/second", max_concurrency=2)
+    in_flight = peak = 0
+
+    @lim.limit
+    async def call(i: int) -> int:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return i
+
+    assert await asyncio.gather(*(call(i) for i in range(20))) == list(range(20))
+    assert peak == 2 and lim.stats()["in_flight"] == 0
+
+
+async def test_async_acquire_waits_without_blocking() -> None:
+    lim = tenuto.RateLimiter("50/second")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    side = asyncio.ensure_future(ticker())
+    for _ in range(5):
+        await lim.aacquire()
+    side.cancel()
+    assert ticks > 5, "the loop kept running while the limiter waited"
+    with pytest.raises(tenuto.RateLimited):
+        await lim.aacquire(timeout=0.001)
+
+
+def test_sync_decorator_keeps_the_function(clock: FakeClock) -> None:
+    lim = tenuto.RateLimiter("10/second", clock=clock)
+
+    @lim.limit
+    def ping(x: int) -> int:
+        """Doc."""
+        return x
+
+    assert [ping(i) for i in range(3)] == [0, 1, 2] and ping.__doc__ == "Doc."
+    assert clock.now() == pytest.approx(0.2)
+
+
+class TestCircuitBreaker:
+    def test_transitions(self, clock: FakeClock) -> None:
+        br = tenuto.CircuitBreaker(failures=3, reset_after=30, clock=clock)
+        calls = []
+
+        @br
+        def upstream(fail: bool) -> str:
+            calls.append(fail)
+            if fail:
+                raise ConnectionError("503")
+            return "ok"
+
+        for _ in range(3):
+            with pytest.raises(ConnectionError):
+                upstream(True)
+        assert br.state == "open"
+        with pytest.raises(tenuto.CircuitOpen) as raised:
+            upstream(False)
+        assert raised.value.retry_after == pytest.approx(30) and len(calls) == 3
+        clock.advance(30)
+        assert br.state == "half_open"
+        with pytest.raises(ConnectionError):
+            upstream(True)
+        assert br.state == "open", "a failed probe reopens"
+        clock.advance(30)
+        assert upstream(False) == "ok" and br.state == "closed"
+        assert br.stats()["opened"] == 1 and br.stats()["refused"] == 1
+
+    def test_one_probe_at_a_time(self, clock: FakeClock) -> None:
+        br = tenuto.CircuitBreaker(failures=1, reset_after=1, clock=clock)
+        with pytest.raises(ValueError), br:
+            raise ValueError
+        clock.advance(1)
+        with br:  # the probe
+            with pytest.raises(tenuto.CircuitOpen), br:
+                pass
+        assert br.state == "closed"
+
+    async def test_async_and_cancellation(self, clock: FakeClock) -> None:
+        br = tenuto.CircuitBreaker(failures=1, reset_after=5, clock=clock)
+
+        @br
+        async def upstream() -> None:
+            raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            await upstream()
+        assert br.state == "closed", "cancellation is not the upstream's failure"
+
+        async def fail() -> None:
+            raise TimeoutError
+
+        with pytest.raises(TimeoutError):
+            await br.acall(fail)
+        assert br.state == "open"
+
+    def test_bad_arguments(self) -> None:
+        with pytest.raises(ValueError):
+            tenuto.CircuitBreaker(failures=0)
+        with pytest.raises(ValueError):
+            tenuto.CircuitBreaker(reset_after=-1)

@@ -87,7 +87,8 @@ impl SlidingLog {
     pub fn new(rate: Rate) -> Self {
         Self {
             rate,
-            admitted: VecDeque::with_capacity(rate.count as usize),
+            // Grows with admissions (8 bytes each, up to N): a large N costs nothing idle.
+            admitted: VecDeque::new(),
         }
     }
 

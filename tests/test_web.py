@@ -218,3 +218,84 @@ def test_fastapi_app_under_uvicorn(redis_server, namespace, tmp_path) -> None:
         assert again.headers["x-cache"] == "hit" and again.json()["upstream_calls"] == 1
     finally:
         stop_server(proc)
+
+
+def test_flask_inbound_limit() -> None:
+    from tenuto.flask import limit
+
+    app = flask.Flask("t")
+
+    @app.get("/hot")
+    @limit("3/minute")
+    def hot():
+        return {"ok": True}
+
+    @app.get("/proxied")
+    @limit("1/minute", trust_proxy=1)
+    def proxied():
+        return "ok"
+
+    client = app.test_client()
+    responses = [client.get("/hot") for _ in range(4)]
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert [r.headers["RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0"]
+    assert responses[0].headers["RateLimit-Limit"] == "3"
+    refused = responses[3]
+    assert (
+        refused.json["error"].startswith("rate limit exceeded")
+        and refused.headers["Retry-After"] == "60"
+    )
+    assert refused.headers["RateLimit-Reset"] == "60"
+    # Behind one trusted proxy, clients are told apart by X-Forwarded-For.
+    assert client.get("/proxied", headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 200
+    assert client.get("/proxied", headers={"X-Forwarded-For": "2.2.2.2"}).status_code == 200
+    assert client.get("/proxied", headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 429
+    with pytest.raises(ValueError, match="trust_proxy"):
+        limit("1/minute", trust_proxy=-1)
+
+
+def test_untrusted_forwarded_for_is_ignored() -> None:
+    from tenuto.flask import limit
+
+    app = flask.Flask("t")
+
+    @app.get("/hot")
+    @limit("1/minute")
+    def hot():
+        return "ok"
+
+    client = app.test_client()
+    assert client.get("/hot", headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 200
+    assert client.get("/hot", headers={"X-Forwarded-For": "9.9.9.9"}).status_code == 429, (
+        "a spoofed header does not buy a new quota"
+    )
+
+
+def test_fastapi_inbound_limit() -> None:
+    from fastapi import Depends
+    from fastapi.testclient import TestClient
+
+    from tenuto.fastapi import RateLimit, RateLimitExceeded, rate_limit_handler
+
+    app = fastapi.FastAPI()
+    app.add_exception_handler(RateLimitExceeded, rate_limit_handler)
+
+    @app.get("/hot", dependencies=[Depends(RateLimit("2/minute"))])
+    async def hot() -> dict:
+        return {"ok": True}
+
+    per_user = RateLimit("1/minute", key=lambda request: request.headers.get("x-user", "anon"))
+
+    @app.get("/mine", dependencies=[Depends(per_user)])
+    def mine() -> str:
+        return "ok"
+
+    with TestClient(app) as client:
+        responses = [client.get("/hot") for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 200, 429]
+        assert responses[0].headers["ratelimit-remaining"] == "1"
+        assert responses[2].json()["error"].startswith("rate limit exceeded")
+        assert responses[2].headers["retry-after"] == "60"
+        assert client.get("/mine", headers={"x-user": "a"}).status_code == 200
+        assert client.get("/mine", headers={"x-user": "b"}).status_code == 200
+        assert client.get("/mine", headers={"x-user": "a"}).status_code == 429

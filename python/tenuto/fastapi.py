@@ -12,11 +12,58 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 
 from tenuto._core import Cache, RequestState, _request_var
+from tenuto._inbound import InboundLimit, client_address
 
-__all__ = ["TenutoMiddleware", "stats_router"]
+__all__ = [
+    "RateLimit",
+    "RateLimitExceeded",
+    "TenutoMiddleware",
+    "rate_limit_handler",
+    "stats_router",
+]
+
+
+class RateLimitExceeded(HTTPException):
+    """A 429 from `RateLimit`; `rate_limit_handler` renders it as `{"error": ...}`."""
+
+
+async def rate_limit_handler(request: Request, exc: Exception) -> JSONResponse:
+    """`app.add_exception_handler(RateLimitExceeded, rate_limit_handler)`: 429 bodies as
+    `{"error": "..."}` instead of FastAPI's `{"detail": "..."}`."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+class RateLimit:
+    """Per-client limit as a dependency: `Depends(RateLimit("60/minute"))`. Up to N
+    requests back to back, never more than N in any sliding window; refusals raise
+    `RateLimitExceeded` (HTTP 429 with `Retry-After`); every response gets
+    `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. The client is
+    `key(request)` if given, else the peer address (X-Forwarded-For only with
+    `trust_proxy=N` proxies in front)."""
+
+    def __init__(
+        self, rate: str, key: Callable[[Request], str] | None = None, *, trust_proxy: int = 0
+    ) -> None:
+        self.inbound = InboundLimit(rate, trust_proxy)
+        self.key = key
+        self.limiter = self.inbound.limiter
+
+    def __call__(self, request: Request, response: Response) -> None:
+        if self.key is not None:
+            client = self.key(request)
+        else:
+            peer = request.client.host if request.client else None
+            client = client_address(peer, request.headers, self.inbound.trust_proxy)
+        ok, headers, message = self.inbound.decide(client)
+        if not ok:
+            raise RateLimitExceeded(status_code=429, detail=message, headers=headers)
+        response.headers.update(headers)
+
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

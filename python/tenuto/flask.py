@@ -8,14 +8,51 @@ made, and an optional stats view.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from flask import Flask, Response, abort, g, jsonify
+from flask import Flask, Response, abort, g, jsonify, make_response, request
 
 from tenuto._core import Cache, RequestState, _request_var, current_state
+from tenuto._inbound import InboundLimit, client_address
 
-__all__ = ["Tenuto"]
+__all__ = ["Tenuto", "limit"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def limit(
+    rate: str, key: Callable[[], str] | None = None, *, trust_proxy: int = 0
+) -> Callable[[F], F]:
+    """Per-client limit on a view: `@limit("60/minute")`. Up to N requests back to back,
+    never more than N in any sliding window. Refusals are HTTP 429 with a JSON
+    `{"error": ...}` body and `Retry-After`; every response carries `RateLimit-Limit`,
+    `RateLimit-Remaining` and `RateLimit-Reset`. The client is `key()` if given, else the
+    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front)."""
+    inbound = InboundLimit(rate, trust_proxy)
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            client = (
+                key()
+                if key is not None
+                else client_address(request.remote_addr, request.headers, trust_proxy)
+            )
+            ok, headers, message = inbound.decide(client)
+            if not ok:
+                response = jsonify(error=message)
+                response.status_code = 429
+            else:
+                response = make_response(view(*args, **kwargs))
+            response.headers.update(headers)
+            return response
+
+        limited.limiter = inbound.limiter  # type: ignore[attr-defined]
+        return limited  # type: ignore[return-value]
+
+    return decorate
 
 
 class Tenuto:

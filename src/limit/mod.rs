@@ -122,6 +122,14 @@ impl SlidingLog {
             .count()
     }
 
+    /// Nanoseconds until the oldest admission in the window leaves it (0 when empty).
+    pub fn next_release(&self, now: i64) -> i64 {
+        self.admitted
+            .iter()
+            .find(|&&t| t + self.rate.period_ns > now)
+            .map_or(0, |&t| t + self.rate.period_ns - now)
+    }
+
     /// Changes N (adaptive slow-down); the recorded times stay.
     pub fn set_count(&mut self, count: u32) {
         self.rate.count = count.max(1);
@@ -196,13 +204,17 @@ impl Admission {
         }
     }
 
-    /// `(limit, remaining, seconds until a slot frees)` for RateLimit-* headers.
+    /// `(limit, remaining, ns until the oldest admission leaves the window)`, for
+    /// RateLimit-* headers.
     pub fn window(&self, now: i64) -> (u32, u32, i64) {
         match &self.log {
             Some(log) => {
                 let used = log.used(now) as u32;
-                let reset = log.check(now).err().unwrap_or(0).max(0);
-                (log.rate.count, log.rate.count.saturating_sub(used), reset)
+                (
+                    log.rate.count,
+                    log.rate.count.saturating_sub(used),
+                    log.next_release(now),
+                )
             }
             None => (0, 0, 0),
         }
@@ -345,7 +357,7 @@ mod tests {
         assert_eq!(a.window(0), (4, 4, 0));
         a.try_admit(0).unwrap();
         a.try_admit(S / 2).unwrap();
-        assert_eq!(a.window(S / 2), (4, 2, 0));
+        assert_eq!(a.window(S / 2), (4, 2, S / 2));
         a.scale(rate, 0, 0.5);
         assert_eq!(
             a.window(S / 2),

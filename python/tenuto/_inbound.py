@@ -1,0 +1,51 @@
+"""Inbound (per-client) limits shared by the Flask and FastAPI integrations: who the
+client is, and the RateLimit-* / Retry-After headers of a decision."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from tenuto._limits import RateLimiter
+
+
+def client_address(peer: str | None, headers: Mapping[str, str], trust_proxy: int) -> str:
+    """The peer address; with `trust_proxy=N`, the address N proxies back in
+    X-Forwarded-For (the first N hops are trusted to append honestly). Never trust a
+    header the client could have written itself: the default is 0."""
+    if trust_proxy > 0:
+        forwarded = [
+            hop.strip() for hop in headers.get("x-forwarded-for", "").split(",") if hop.strip()
+        ]
+        if len(forwarded) >= trust_proxy:
+            return forwarded[-trust_proxy]
+    return peer or "unknown"
+
+
+class InboundLimit:
+    """One inbound limit: N per period per client, N back to back."""
+
+    def __init__(self, rate: str, trust_proxy: int) -> None:
+        if isinstance(trust_proxy, bool) or not isinstance(trust_proxy, int) or trust_proxy < 0:
+            raise ValueError(
+                f"trust_proxy must be a whole number of proxies >= 0, got {trust_proxy!r}"
+            )
+        self.rate = rate
+        self.trust_proxy = trust_proxy
+        self.limiter = RateLimiter(rate, mode="inbound", name=f"inbound {rate}")
+
+    def decide(self, client: str) -> tuple[bool, dict[str, str], str]:
+        """`(admitted, headers, refusal message)` for one request of `client`."""
+        ok, retry_after = self.limiter.try_acquire(client)
+        limit, remaining, reset = self.limiter.window(client)
+        headers = {
+            "RateLimit-Limit": str(limit),
+            "RateLimit-Remaining": str(remaining),
+            "RateLimit-Reset": str(math.ceil(reset)),
+        }
+        message = ""
+        if not ok:
+            wait = max(1, math.ceil(retry_after))
+            headers["Retry-After"] = str(wait)
+            message = f"rate limit exceeded ({self.rate}); retry in {wait} s"
+        return ok, headers, message

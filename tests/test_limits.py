@@ -239,3 +239,59 @@ class TestCircuitBreaker:
             tenuto.CircuitBreaker(failures=0)
         with pytest.raises(ValueError):
             tenuto.CircuitBreaker(reset_after=-1)
+
+
+def _hammer_shared(
+    url: str, name: str, attempts: int, barrier, results
+) -> None:  # pragma: no cover
+    lim = tenuto.RateLimiter("50/10seconds", url=url, name=name, mode="inbound")
+    barrier.wait(30)
+    admitted = sum(lim.try_acquire()[0] for _ in range(attempts))
+    results.put((admitted, lim.stats()["admitted_unchecked"]))
+
+
+def test_shared_limit_across_processes_admits_exactly_n(redis_server, namespace) -> None:
+    """4 processes × 40 attempts within one 10-second window: exactly 50 admitted."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_hammer_shared, args=(redis_server.url, namespace, 40, barrier, results))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [unchecked for _, unchecked in outcomes] == [0] * 4, "Redis answered every call"
+    admitted = [a for a, _ in outcomes]
+    assert sum(admitted) == 50, admitted
+    assert all(a > 0 for a in admitted), "every process got a share"
+
+
+def test_shared_outbound_spacing_and_pause(redis_server, namespace) -> None:
+    a = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
+    b = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
+    assert a.try_acquire()[0]
+    ok, retry_after = b.try_acquire()
+    assert not ok and 0 < retry_after <= 0.1, "the other process sees the same spacing"
+    a.feedback(429, retry_after=5)
+    ok, retry_after = b.try_acquire()
+    assert not ok and 4 < retry_after <= 5, "a 429 seen by one pauses all"
+
+
+def test_shared_limit_fails_open_or_closed() -> None:
+    from tenuto.testing import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    open_lim = tenuto.RateLimiter("1/hour", url=dead, name="x")
+    assert all(open_lim.try_acquire()[0] for _ in range(3)), "fail_open admits"
+    stats = open_lim.stats()
+    assert stats["admitted_unchecked"] == 3 and stats["degraded"] is True
+    closed = tenuto.RateLimiter("1/hour", url=dead, name="x", fail_open=False)
+    assert closed.try_acquire()[0] is False
+    with pytest.raises(ValueError, match="unsupported limiter URL"):
+        tenuto.RateLimiter("1/hour", url="memcached://x")

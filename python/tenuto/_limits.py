@@ -17,13 +17,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RateLimiter(RateLimiterCore):
-    """`RateLimiter(rate, min_interval=None, max_concurrency=None, burst=None,
-    name="default", *, mode="outbound", max_keys=100_000, clock=None)`.
+    """`RateLimiter(rate, min_interval=None, max_concurrency=None, burst=None, url=None,
+    name="default", fail_open=True, *, mode="outbound", max_keys=100_000, clock=None)`.
 
     Never more than N admissions in any sliding window of the period. Outbound (default):
     admissions evenly spaced (period / N, or `min_interval` when larger), `burst` back to
     back at most. Inbound: up to N back to back. `max_concurrency` caps the calls in
-    flight inside `with lim:` / `async with lim:` / `@lim.limit`, threads and tasks alike.
+    flight inside `with lim:` / `async with lim:` / `@lim.limit`, threads and tasks alike
+    (in this process). With `url` (Redis/Valkey) the rate is shared by every process and
+    host using the same `name`, decided by one Lua script on the server's clock; when
+    Redis cannot be reached, `fail_open=True` admits (counted in `stats()`), False refuses.
     """
 
     def __enter__(self) -> RateLimiter:

@@ -1306,7 +1306,7 @@ impl CacheCore {
         let Some(redis) = self.redis.clone().filter(|r| !r.is_down()) else {
             return Ok(None);
         };
-        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let token = runtime::unique_token();
         Ok(Some((redis, self.lock_key(key), token, ttl)))
     }
 

@@ -350,6 +350,48 @@ impl RedisStore {
         Ok(reply.is_some())
     }
 
+    /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
+    /// the server's clock): `(admitted, wait_us)`. See `limit::redis_script`.
+    pub async fn limit_attempt(
+        &self,
+        keys: [String; 3],
+        args: [i64; 4],
+        member: String,
+    ) -> Result<(bool, i64), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| redis::Script::new(crate::limit::REDIS_SCRIPT));
+        let (admitted, wait): (i64, i64) = self
+            .run(|mut conn| async move {
+                let mut invocation = script.prepare_invoke();
+                invocation.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                invocation.arg(member);
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok((admitted == 1, wait))
+    }
+
+    /// Pauses a shared limit for `ms` milliseconds (extending, never shortening, a pause).
+    pub async fn limit_pause(&self, key: String, ms: i64) -> Result<(), StoreError> {
+        self.run(|mut conn| async move {
+            let current: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await?;
+            if current < ms {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ms.max(1))
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Deletes the lock only if it still holds `token` (it may have expired and been
     /// taken by another process meanwhile).
     pub async fn unlock(&self, lock_key: String, token: String) -> Result<bool, StoreError> {

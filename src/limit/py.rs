@@ -11,8 +11,11 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::sync::Arc;
+
 use super::breaker::{Breaker, BreakerState, Permit};
 use super::{Admission, Rate};
+use crate::cache::redis::{RedisConfig, RedisStore, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
 use crate::error::py::TenutoError;
 use crate::runtime::py::{get_running_loop, resolve_soon};
@@ -87,9 +90,83 @@ pub struct PyRateLimiter {
     admitted: AtomicU64,
     refused: AtomicU64,
     throttle_events: AtomicU64,
+    /// Shared through Redis: every process and host using the same `name` and URL.
+    shared: Option<Arc<RedisStore>>,
+    fail_open: bool,
+    admitted_unchecked: AtomicU64,
 }
 
 impl PyRateLimiter {
+    fn shared_keys(&self, key: Option<&str>) -> [String; 3] {
+        let base = match key {
+            None => format!("tenuto:limit:{}", self.name),
+            Some(k) => format!("tenuto:limit:{}:{k}", self.name),
+        };
+        [
+            format!("{base}:log"),
+            format!("{base}:tat"),
+            format!("tenuto:limit:{}:pause", self.name),
+        ]
+    }
+
+    /// One attempt against the shared (Redis) limit, GIL released. Redis down: admit when
+    /// failing open (counted), else refuse for a second.
+    fn attempt_shared(
+        &self,
+        py: Python<'_>,
+        redis: &Arc<RedisStore>,
+        key: Option<&str>,
+    ) -> Result<(), i64> {
+        let factor = lock(&self.limits).factor;
+        let count = ((f64::from(self.rate.count) * factor).floor() as i64).max(1);
+        let period_us = self.rate.period_ns / 1000;
+        let (interval_us, tolerance_us) = match self.mode {
+            Mode::Outbound {
+                min_interval_ns,
+                burst,
+            } => {
+                let interval =
+                    (self.rate.interval_ns().max(min_interval_ns) as f64 / factor / 1000.0).round()
+                        as i64;
+                (interval.max(1), interval.max(1) * i64::from(burst - 1))
+            }
+            Mode::Inbound => (0, 0),
+        };
+        let keys = self.shared_keys(key);
+        let member = crate::runtime::unique_token();
+        let redis = Arc::clone(redis);
+        let result = py.detach(move || {
+            crate::runtime::block_on(redis.limit_attempt(
+                keys,
+                [count, period_us, interval_us, tolerance_us],
+                member,
+            ))
+        });
+        let outcome = match result {
+            Ok((true, _)) => Ok(()),
+            Ok((false, wait_us)) => Err(wait_us.max(1) * 1000),
+            Err(StoreError::Unavailable(_)) | Err(StoreError::Command(_)) if self.fail_open => {
+                self.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => Err(1_000_000_000),
+        };
+        let counter = if outcome.is_ok() {
+            &self.admitted
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// An attempt by the right rule set: shared when a URL was given, else in process.
+    fn attempt_any(&self, py: Python<'_>, key: Option<&str>) -> PyResult<Result<(), i64>> {
+        match &self.shared {
+            Some(redis) => Ok(self.attempt_shared(py, redis, key)),
+            None => Ok(self.attempt(self.clock.now_nanos(py)?, key)),
+        }
+    }
     fn fresh(&self) -> Admission {
         match self.mode {
             Mode::Outbound {
@@ -166,8 +243,8 @@ impl PyRateLimiter {
 impl PyRateLimiter {
     #[new]
     #[pyo3(signature = (
-        rate, min_interval = None, max_concurrency = None, burst = None, name = "default",
-        *, mode = "outbound", max_keys = 100_000, clock = None
+        rate, min_interval = None, max_concurrency = None, burst = None, url = None,
+        name = "default", fail_open = true, *, mode = "outbound", max_keys = 100_000, clock = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -175,11 +252,31 @@ impl PyRateLimiter {
         min_interval: Option<f64>,
         max_concurrency: Option<i64>,
         burst: Option<i64>,
+        url: Option<&str>,
         name: &str,
+        fail_open: bool,
         mode: &str,
         max_keys: i64,
         clock: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let shared = match url {
+            None => None,
+            Some("memory://") => None,
+            Some(u) => {
+                let scheme = u.split_once("://").map(|(s, _)| s).unwrap_or("");
+                if !SCHEMES.contains(&scheme) {
+                    return Err(PyValueError::new_err(format!(
+                        "unsupported limiter URL {:?}: expected redis://, rediss://, valkey:// or valkeys://",
+                        crate::cache::redis::redact(u)
+                    )));
+                }
+                Some(RedisStore::new(RedisConfig {
+                    url: u.to_owned(),
+                    connect_timeout: std::time::Duration::from_millis(250),
+                    command_timeout: std::time::Duration::from_secs(1),
+                })?)
+            }
+        };
         let rate_text: &str = rate
             .extract()
             .map_err(|_| PyTypeError::new_err("rate must be a str such as \"80/minute\""))?;
@@ -240,6 +337,9 @@ impl PyRateLimiter {
             admitted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             throttle_events: AtomicU64::new(0),
+            shared,
+            fail_open,
+            admitted_unchecked: AtomicU64::new(0),
         };
         limiter
             .limits
@@ -252,8 +352,7 @@ impl PyRateLimiter {
     /// `(admitted, retry_after_seconds)`, never waiting. `key` limits per client.
     #[pyo3(signature = (key = None))]
     fn try_acquire(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64)> {
-        let now = self.clock.now_nanos(py)?;
-        Ok(match self.attempt(now, key) {
+        Ok(match self.attempt_any(py, key)? {
             Ok(()) => (true, 0.0),
             Err(wait) => (false, wait as f64 / NANOS),
         })
@@ -270,7 +369,7 @@ impl PyRateLimiter {
         };
         loop {
             let now = self.clock.now_nanos(py)?;
-            let wait = match self.attempt(now, key) {
+            let wait = match self.attempt_any(py, key)? {
                 Ok(()) => return Ok(()),
                 Err(wait) => wait,
             };
@@ -372,27 +471,43 @@ impl PyRateLimiter {
     #[pyo3(signature = (status, retry_after = None))]
     fn feedback(&self, py: Python<'_>, status: u16, retry_after: Option<f64>) -> PyResult<()> {
         let now = self.clock.now_nanos(py)?;
-        let mut limits = lock(&self.limits);
-        if status == 429 || status == 503 {
-            limits.throttled += 1;
-            let pause = match retry_after {
-                Some(seconds) => seconds_to_nanos("retry_after", seconds)?,
-                None => (self
+        let retry_after = retry_after
+            .map(|s| seconds_to_nanos("retry_after", s))
+            .transpose()?;
+        let pause = {
+            let mut limits = lock(&self.limits);
+            if status == 429 || status == 503 {
+                limits.throttled += 1;
+                let backoff = self
                     .rate
                     .interval_ns()
-                    .saturating_mul(1 << limits.throttled.min(16)))
-                .min(self.rate.period_ns),
-            };
-            self.paused_until.fetch_max(now + pause, Ordering::AcqRel);
-            let factor = (limits.factor * 0.5).max(0.05);
-            self.rescale(&mut limits, factor);
-            self.throttle_events.fetch_add(1, Ordering::Relaxed);
-        } else if (200..400).contains(&status) {
-            limits.throttled = 0;
-            if limits.factor < 1.0 {
-                // Rounded to hundredths, so ten steps of 0.1 land on exactly 1.0.
-                let factor = (((limits.factor + 0.1) * 100.0).round() / 100.0).min(1.0);
+                    .saturating_mul(1 << limits.throttled.min(16));
+                let pause = retry_after.unwrap_or(backoff.min(self.rate.period_ns));
+                let factor = (limits.factor * 0.5).max(0.05);
                 self.rescale(&mut limits, factor);
+                Some(pause)
+            } else {
+                if (200..400).contains(&status) {
+                    limits.throttled = 0;
+                    if limits.factor < 1.0 {
+                        // Rounded to hundredths, so ten steps of 0.1 land on exactly 1.0.
+                        let factor = (((limits.factor + 0.1) * 100.0).round() / 100.0).min(1.0);
+                        self.rescale(&mut limits, factor);
+                    }
+                }
+                None
+            }
+        };
+        // The lock is released: waiting on Redis while holding it could deadlock with a
+        // thread that holds the GIL and wants it.
+        if let Some(pause) = pause {
+            self.throttle_events.fetch_add(1, Ordering::Relaxed);
+            self.paused_until.fetch_max(now + pause, Ordering::AcqRel);
+            if let Some(redis) = self.shared.clone() {
+                // Everyone sharing the limit pauses; a lost pause only costs a 429 more.
+                let key = self.shared_keys(None)[2].clone();
+                let ms = (pause / 1_000_000).max(1);
+                let _ = py.detach(move || crate::runtime::block_on(redis.limit_pause(key, ms)));
             }
         }
         Ok(())
@@ -442,6 +557,18 @@ impl PyRateLimiter {
         )?;
         d.set_item("keys", limits.per_key.len())?;
         d.set_item("in_flight", self.slots.as_ref().map(|s| *lock(&s.used)))?;
+        d.set_item(
+            "shared",
+            self.shared.as_ref().map(|r| r.display_url.clone()),
+        )?;
+        d.set_item(
+            "degraded",
+            self.shared.as_ref().is_some_and(|r| r.is_down()),
+        )?;
+        d.set_item(
+            "admitted_unchecked",
+            self.admitted_unchecked.load(Ordering::Relaxed),
+        )?;
         Ok(d)
     }
 

@@ -67,6 +67,19 @@ pub fn handle() -> Handle {
     handle
 }
 
+/// A token no other process, thread or call produces: pid, a per-process sequence number,
+/// and randomness. Random alone is not enough: a forked child inherits its parent's
+/// random generator state and would repeat its sequence (lock tokens, limiter entries).
+pub fn unique_token() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:x}-{:x}-{:016x}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed),
+        fastrand::u64(..)
+    )
+}
+
 /// Run a future to completion from a thread that is not a runtime worker.
 pub fn block_on<F: Future>(future: F) -> F::Output {
     handle().block_on(future)
@@ -82,5 +95,11 @@ mod tests {
         let b = handle();
         assert_eq!(a.id(), b.id());
         assert_eq!(block_on(async { 40 + 2 }), 42);
+    }
+
+    #[test]
+    fn tokens_are_unique() {
+        let tokens: std::collections::HashSet<String> = (0..1000).map(|_| unique_token()).collect();
+        assert_eq!(tokens.len(), 1000);
     }
 }

@@ -52,6 +52,9 @@ PEERS = [
     "fastapi-cache2",
     "aiocache",
     "cashews",
+    "limits",
+    "pyrate-limiter",
+    "aiolimiter",
 ]
 
 
@@ -107,3 +110,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benches/bench_cache.py", *session.posargs, env=env)
     session.run("python", "benches/bench_cached.py", *session.posargs)
     session.run("python", "benches/bench_registry.py", *session.posargs)
+    session.run("python", "benches/bench_limits.py", *session.posargs)

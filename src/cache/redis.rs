@@ -351,16 +351,17 @@ impl RedisStore {
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
-    /// the server's clock): `(admitted, wait_us)`. See `limit::redis_script`.
+    /// the server's clock): `(admitted, wait_us, server_time_us)`. See
+    /// `limit::REDIS_SCRIPT`.
     pub async fn limit_attempt(
         &self,
         keys: [String; 3],
         args: [i64; 4],
         member: String,
-    ) -> Result<(bool, i64), StoreError> {
+    ) -> Result<(bool, i64, i64), StoreError> {
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let script = SCRIPT.get_or_init(|| redis::Script::new(crate::limit::REDIS_SCRIPT));
-        let (admitted, wait): (i64, i64) = self
+        let (admitted, wait, now): (i64, i64, i64) = self
             .run(|mut conn| async move {
                 let mut invocation = script.prepare_invoke();
                 invocation.key(&keys[0]).key(&keys[1]).key(&keys[2]);
@@ -371,7 +372,7 @@ impl RedisStore {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
-        Ok((admitted == 1, wait))
+        Ok((admitted == 1, wait, now))
     }
 
     /// Pauses a shared limit for `ms` milliseconds (extending, never shortening, a pause).

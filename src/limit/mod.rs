@@ -24,7 +24,7 @@ const NANOS_PER_SEC: i64 = 1_000_000_000;
 /// so every process and host sharing the keys shares one limit.
 /// KEYS: log (sorted set of admission times), tat (spacing), pause.
 /// ARGV: count, period_us, interval_us (0: no spacing), tolerance_us, a unique member.
-/// Returns {admitted (0/1), wait_us}.
+/// Returns {admitted (0/1), wait_us, now_us}: the decision and the server time it used.
 pub const REDIS_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -43,13 +43,13 @@ if interval > 0 then
   if stored then tat = math.max(tonumber(stored), now) end
   wait = math.max(wait, tat - tolerance - now)
 end
-if wait > 0 then return {0, wait} end
+if wait > 0 then return {0, wait, now} end
 redis.call('ZADD', KEYS[1], now, ARGV[5])
 redis.call('PEXPIRE', KEYS[1], math.ceil(period / 1000) + 1000)
 if interval > 0 then
   redis.call('SET', KEYS[2], tat + interval, 'PX', math.ceil((tat + interval - now) / 1000) + 1000)
 end
-return {1, 0}
+return {1, 0, now}
 ";
 
 /// `count` admissions per `period_ns`.

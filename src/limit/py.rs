@@ -117,6 +117,17 @@ impl PyRateLimiter {
         redis: &Arc<RedisStore>,
         key: Option<&str>,
     ) -> Result<(), i64> {
+        self.attempt_shared_at(py, redis, key).0
+    }
+
+    /// Also returns the decision time (server time, nanoseconds; 0 when Redis did not
+    /// answer).
+    fn attempt_shared_at(
+        &self,
+        py: Python<'_>,
+        redis: &Arc<RedisStore>,
+        key: Option<&str>,
+    ) -> (Result<(), i64>, i64) {
         let factor = lock(&self.limits).factor;
         let count = ((f64::from(self.rate.count) * factor).floor() as i64).max(1);
         let period_us = self.rate.period_ns / 1000;
@@ -142,9 +153,13 @@ impl PyRateLimiter {
                 member,
             ))
         });
+        let decided_at = match &result {
+            Ok((_, _, now_us)) => now_us.saturating_mul(1000),
+            Err(_) => 0,
+        };
         let outcome = match result {
-            Ok((true, _)) => Ok(()),
-            Ok((false, wait_us)) => Err(wait_us.max(1) * 1000),
+            Ok((true, _, _)) => Ok(()),
+            Ok((false, wait_us, _)) => Err(wait_us.max(1) * 1000),
             Err(StoreError::Unavailable(_)) | Err(StoreError::Command(_)) if self.fail_open => {
                 self.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -157,7 +172,7 @@ impl PyRateLimiter {
             &self.refused
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        outcome
+        (outcome, decided_at)
     }
 
     /// An attempt by the right rule set: shared when a URL was given, else in process.
@@ -355,6 +370,23 @@ impl PyRateLimiter {
         Ok(match self.attempt_any(py, key)? {
             Ok(()) => (true, 0.0),
             Err(wait) => (false, wait as f64 / NANOS),
+        })
+    }
+
+    /// `try_acquire` plus the decision time in epoch seconds (the Redis server's clock for
+    /// a shared limit): for measuring accuracy without client-side skew.
+    #[pyo3(signature = (key = None))]
+    fn _try_acquire_at(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64, f64)> {
+        let (outcome, at) = match &self.shared {
+            Some(redis) => self.attempt_shared_at(py, redis, key),
+            None => {
+                let now = self.clock.now_nanos(py)?;
+                (self.attempt(now, key), now)
+            }
+        };
+        Ok(match outcome {
+            Ok(()) => (true, 0.0, at as f64 / NANOS),
+            Err(wait) => (false, wait as f64 / NANOS, at as f64 / NANOS),
         })
     }
 

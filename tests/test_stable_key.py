@@ -60,6 +60,7 @@ class Color(enum.IntEnum):
         {"b": 1, "a": [1, 2, {"z": None, "y": True}]},
         ["é", "😀", "\x00\x1f\x7f", "\ud800 lone surrogate", '"quoted"\\'],
         [1e16, 1e15, 1e-5, 1e-4, -0.0, 0.1 + 0.2, 5e-324, 1.7976931348623157e308],
+        [562949953421312.2],  # a tie between two shortest decimals: Python picks ...2
         {1: "a", 10: "b", 2: "c"},
         {2.5: "x", 0.5: "y"},
         {True: 1},

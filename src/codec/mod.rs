@@ -7,7 +7,10 @@ use serde_json::value::RawValue;
 #[cfg(feature = "python")]
 pub mod py;
 
-/// Appends `repr(x)` as Python writes it for a finite float, e.g. `1.5`, `1e+16`, `1e-05`.
+/// Appends a finite float in Python's repr layout, e.g. `1.5`, `1e+16`, `1e-05`, with
+/// Rust's shortest digits. These equal Python's except when two shortest decimals are
+/// equally close to the value (Rust and Python break that tie differently), so stable
+/// keys use Python's repr itself (see `codec::py`).
 /// Non-finite values are written as Python's json does: `NaN`, `Infinity`, `-Infinity`.
 pub fn write_python_float(out: &mut String, x: f64) {
     if x.is_nan() {

@@ -23,18 +23,22 @@ pub struct JsonDialect {
     sort_keys: bool,
     ensure_ascii: bool,
     allow_nan: bool,
+    /// Floats exactly as Python's repr writes them (else any shortest round-trip form).
+    python_floats: bool,
 }
 
 pub const CANONICAL: JsonDialect = JsonDialect {
     sort_keys: true,
     ensure_ascii: true,
     allow_nan: true,
+    python_floats: true,
 };
 
 pub const PAYLOAD: JsonDialect = JsonDialect {
     sort_keys: false,
     ensure_ascii: false,
     allow_nan: false,
+    python_floats: false,
 };
 
 pub fn to_json(obj: &Bound<'_, PyAny>, dialect: JsonDialect) -> PyResult<String> {
@@ -82,13 +86,20 @@ fn write_int(out: &mut String, obj: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
-fn write_float(out: &mut String, x: f64, dialect: JsonDialect) -> PyResult<()> {
+fn write_float(py: Python<'_>, out: &mut String, x: f64, dialect: JsonDialect) -> PyResult<()> {
     if !x.is_finite() && !dialect.allow_nan {
         return Err(PyValueError::new_err(format!(
             "Out of range float values are not JSON compliant: {x}"
         )));
     }
-    write_python_float(out, x);
+    if dialect.python_floats && x.is_finite() {
+        // Keys must match Python byte for byte, and when two shortest decimals are equally
+        // close (562949953421312.25 → "…312.2" or "…312.3") Python and Rust break the tie
+        // differently (found by hypothesis). Python's own repr is the only exact answer.
+        out.push_str(PyFloat::new(py, x).repr()?.to_str()?);
+    } else {
+        write_python_float(out, x);
+    }
     Ok(())
 }
 
@@ -105,7 +116,7 @@ fn key_text<'a>(key: &'a Bound<'_, PyAny>, dialect: JsonDialect) -> PyResult<Key
     } else if key.cast::<PyInt>().is_ok() {
         write_int(&mut text, key)?;
     } else if let Ok(f) = key.cast::<PyFloat>() {
-        write_float(&mut text, f.value(), dialect)?;
+        write_float(key.py(), &mut text, f.value(), dialect)?;
     } else {
         return Err(PyTypeError::new_err(format!(
             "keys must be str, int, float, bool or None, not {}",
@@ -200,7 +211,7 @@ pub fn write_value(
     } else if obj.cast::<PyInt>().is_ok() {
         write_int(out, obj)?;
     } else if let Ok(f) = obj.cast::<PyFloat>() {
-        write_float(out, f.value(), dialect)?;
+        write_float(obj.py(), out, f.value(), dialect)?;
     } else if let Ok(list) = obj.cast::<PyList>() {
         out.push('[');
         for (i, item) in list.iter().enumerate() {

@@ -299,3 +299,27 @@ def test_fastapi_inbound_limit() -> None:
         assert client.get("/mine", headers={"x-user": "a"}).status_code == 200
         assert client.get("/mine", headers={"x-user": "b"}).status_code == 200
         assert client.get("/mine", headers={"x-user": "a"}).status_code == 429
+
+
+def test_inbound_limit_shared_through_redis(redis_server, namespace) -> None:
+    """Two apps (two workers) on one Redis share each client's budget."""
+    from tenuto.flask import limit
+
+    def make_app():
+        app = flask.Flask("t")
+
+        @app.get("/hot")
+        @limit("3/minute", url=redis_server.url, name=namespace)
+        def hot():
+            return "ok"
+
+        return app.test_client()
+
+    first, second = make_app(), make_app()
+    codes = [c.get("/hot").status_code for c in (first, second, first, second)]
+    assert codes == [200, 200, 200, 429]
+    refused = second.get("/hot")
+    assert (
+        refused.headers["RateLimit-Remaining"] == "0" and refused.headers["RateLimit-Limit"] == "3"
+    )
+    assert 58 <= int(refused.headers["RateLimit-Reset"]) <= 60

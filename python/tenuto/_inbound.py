@@ -22,22 +22,25 @@ def client_address(peer: str | None, headers: Mapping[str, str], trust_proxy: in
     return peer or "unknown"
 
 
-class InboundLimit:
-    """One inbound limit: N per period per client, N back to back."""
+def check_trust_proxy(trust_proxy: int) -> None:
+    """Only a whole number of proxies the app runs behind, never negative."""
+    if isinstance(trust_proxy, bool) or not isinstance(trust_proxy, int) or trust_proxy < 0:
+        raise ValueError(f"trust_proxy must be a whole number of proxies >= 0, got {trust_proxy!r}")
 
-    def __init__(self, rate: str, trust_proxy: int) -> None:
-        if isinstance(trust_proxy, bool) or not isinstance(trust_proxy, int) or trust_proxy < 0:
-            raise ValueError(
-                f"trust_proxy must be a whole number of proxies >= 0, got {trust_proxy!r}"
-            )
+
+class InboundLimit:
+    """One inbound limit: N per period per client, N back to back; in process, or shared
+    through Redis by every process using the same `name` and `url`."""
+
+    def __init__(self, rate: str, trust_proxy: int, name: str, url: str | None = None) -> None:
+        check_trust_proxy(trust_proxy)
         self.rate = rate
         self.trust_proxy = trust_proxy
-        self.limiter = RateLimiter(rate, mode="inbound", name=f"inbound {rate}")
+        self.limiter = RateLimiter(rate, url=url, name=name, mode="inbound")
 
     def decide(self, client: str) -> tuple[bool, dict[str, str], str]:
         """`(admitted, headers, refusal message)` for one request of `client`."""
-        ok, retry_after = self.limiter.try_acquire(client)
-        limit, remaining, reset = self.limiter.window(client)
+        ok, retry_after, limit, remaining, reset = self.limiter.decide(client)
         headers = {
             "RateLimit-Limit": str(limit),
             "RateLimit-Remaining": str(remaining),

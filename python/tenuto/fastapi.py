@@ -44,12 +44,20 @@ class RateLimit:
     `RateLimitExceeded` (HTTP 429 with `Retry-After`); every response gets
     `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. The client is
     `key(request)` if given, else the peer address (X-Forwarded-For only with
-    `trust_proxy=N` proxies in front)."""
+    `trust_proxy=N` proxies in front). With `url` (Redis) the counts are shared by every
+    worker and host, per `name` (default `"fastapi:{rate}"`: name dependencies that should
+    not share a budget)."""
 
     def __init__(
-        self, rate: str, key: Callable[[Request], str] | None = None, *, trust_proxy: int = 0
+        self,
+        rate: str,
+        key: Callable[[Request], str] | None = None,
+        *,
+        trust_proxy: int = 0,
+        url: str | None = None,
+        name: str | None = None,
     ) -> None:
-        self.inbound = InboundLimit(rate, trust_proxy)
+        self.inbound = InboundLimit(rate, trust_proxy, name or f"fastapi:{rate}", url)
         self.key = key
         self.limiter = self.inbound.limiter
 

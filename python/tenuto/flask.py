@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from flask import Flask, Response, abort, g, jsonify, make_response, request
 
 from tenuto._core import Cache, RequestState, _request_var, current_state
-from tenuto._inbound import InboundLimit, client_address
+from tenuto._inbound import InboundLimit, check_trust_proxy, client_address
 
 __all__ = ["Tenuto", "limit"]
 
@@ -23,16 +23,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def limit(
-    rate: str, key: Callable[[], str] | None = None, *, trust_proxy: int = 0
+    rate: str,
+    key: Callable[[], str] | None = None,
+    *,
+    trust_proxy: int = 0,
+    url: str | None = None,
+    name: str | None = None,
 ) -> Callable[[F], F]:
     """Per-client limit on a view: `@limit("60/minute")`. Up to N requests back to back,
     never more than N in any sliding window. Refusals are HTTP 429 with a JSON
     `{"error": ...}` body and `Retry-After`; every response carries `RateLimit-Limit`,
     `RateLimit-Remaining` and `RateLimit-Reset`. The client is `key()` if given, else the
-    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front)."""
-    inbound = InboundLimit(rate, trust_proxy)
+    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front). With `url`
+    (Redis) the counts are shared by every worker and host, per `name` (default: the
+    view's module and name)."""
+    check_trust_proxy(trust_proxy)
 
     def decorate(view: F) -> F:
+        inbound = InboundLimit(
+            rate, trust_proxy, name or f"flask:{view.__module__}.{view.__qualname__}", url
+        )
+
         @functools.wraps(view)
         def limited(*args: Any, **kwargs: Any) -> Any:
             client = (

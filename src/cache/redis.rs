@@ -351,17 +351,16 @@ impl RedisStore {
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
-    /// the server's clock): `(admitted, wait_us, server_time_us)`. See
-    /// `limit::REDIS_SCRIPT`.
+    /// the server's clock). See `limit::REDIS_SCRIPT` for the reply.
     pub async fn limit_attempt(
         &self,
         keys: [String; 3],
         args: [i64; 4],
         member: String,
-    ) -> Result<(bool, i64, i64), StoreError> {
+    ) -> Result<SharedDecision, StoreError> {
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let script = SCRIPT.get_or_init(|| redis::Script::new(crate::limit::REDIS_SCRIPT));
-        let (admitted, wait, now): (i64, i64, i64) = self
+        let (admitted, wait, now, used, reset): (i64, i64, i64, i64, i64) = self
             .run(|mut conn| async move {
                 let mut invocation = script.prepare_invoke();
                 invocation.key(&keys[0]).key(&keys[1]).key(&keys[2]);
@@ -372,7 +371,13 @@ impl RedisStore {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
-        Ok((admitted == 1, wait, now))
+        Ok(SharedDecision {
+            admitted: admitted == 1,
+            wait_us: wait,
+            now_us: now,
+            used: used.max(0) as u32,
+            reset_us: reset.max(0),
+        })
     }
 
     /// Pauses a shared limit for `ms` milliseconds (extending, never shortening, a pause).
@@ -450,6 +455,18 @@ impl RedisStore {
             Err(_) => Err("PING timed out".into()),
         }
     }
+}
+
+/// A shared limiter's answer, from the server's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedDecision {
+    pub admitted: bool,
+    pub wait_us: i64,
+    pub now_us: i64,
+    /// Admissions in the window now (this one included).
+    pub used: u32,
+    /// Until the oldest admission in the window leaves it.
+    pub reset_us: i64,
 }
 
 /// Escapes glob metacharacters so a namespace matches only itself in SCAN MATCH.

@@ -24,32 +24,39 @@ const NANOS_PER_SEC: i64 = 1_000_000_000;
 /// so every process and host sharing the keys shares one limit.
 /// KEYS: log (sorted set of admission times), tat (spacing), pause.
 /// ARGV: count, period_us, interval_us (0: no spacing), tolerance_us, a unique member.
-/// Returns {admitted (0/1), wait_us, now_us}: the decision and the server time it used.
+/// Returns {admitted (0/1), wait_us, now_us, used, reset_us}: the decision, the server
+/// time it used, admissions now in the window, and when the oldest of them leaves it.
+/// Numbers go back to Redis as integer strings: Lua's default formatting of a double
+/// keeps 14 digits, which would round microsecond timestamps.
 pub const REDIS_SCRIPT: &str = r"
+local function int(x) return string.format('%.0f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local count, period = tonumber(ARGV[1]), tonumber(ARGV[2])
 local interval, tolerance = tonumber(ARGV[3]), tonumber(ARGV[4])
 local wait = redis.call('PTTL', KEYS[3]) * 1000
 if wait < 0 then wait = 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
-if redis.call('ZCARD', KEYS[1]) >= count then
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - period))
+local used = redis.call('ZCARD', KEYS[1])
+local function reset()
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  wait = math.max(wait, tonumber(oldest[2]) + period - now)
+  if oldest[2] then return tonumber(oldest[2]) + period - now end
+  return 0
 end
+if used >= count then wait = math.max(wait, reset()) end
 local tat = now
 if interval > 0 then
   local stored = redis.call('GET', KEYS[2])
   if stored then tat = math.max(tonumber(stored), now) end
   wait = math.max(wait, tat - tolerance - now)
 end
-if wait > 0 then return {0, wait, now} end
-redis.call('ZADD', KEYS[1], now, ARGV[5])
+if wait > 0 then return {0, int(wait), int(now), used, int(reset())} end
+redis.call('ZADD', KEYS[1], int(now), ARGV[5])
 redis.call('PEXPIRE', KEYS[1], math.ceil(period / 1000) + 1000)
 if interval > 0 then
-  redis.call('SET', KEYS[2], tat + interval, 'PX', math.ceil((tat + interval - now) / 1000) + 1000)
+  redis.call('SET', KEYS[2], int(tat + interval), 'PX', math.ceil((tat + interval - now) / 1000) + 1000)
 end
-return {1, 0, now}
+return {1, 0, int(now), used + 1, int(reset())}
 ";
 
 /// `count` admissions per `period_ns`.

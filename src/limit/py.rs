@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::breaker::{Breaker, BreakerState, Permit};
 use super::{Admission, Rate};
-use crate::cache::redis::{RedisConfig, RedisStore, StoreError, SCHEMES};
+use crate::cache::redis::{RedisConfig, RedisStore, SharedDecision, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
 use crate::error::py::TenutoError;
 use crate::runtime::py::{get_running_loop, resolve_soon};
@@ -120,14 +120,13 @@ impl PyRateLimiter {
         self.attempt_shared_at(py, redis, key).0
     }
 
-    /// Also returns the decision time (server time, nanoseconds; 0 when Redis did not
-    /// answer).
+    /// Also returns what Redis said (None when it did not answer).
     fn attempt_shared_at(
         &self,
         py: Python<'_>,
         redis: &Arc<RedisStore>,
         key: Option<&str>,
-    ) -> (Result<(), i64>, i64) {
+    ) -> (Result<(), i64>, Option<SharedDecision>) {
         let factor = lock(&self.limits).factor;
         let count = ((f64::from(self.rate.count) * factor).floor() as i64).max(1);
         let period_us = self.rate.period_ns / 1000;
@@ -153,13 +152,10 @@ impl PyRateLimiter {
                 member,
             ))
         });
-        let decided_at = match &result {
-            Ok((_, _, now_us)) => now_us.saturating_mul(1000),
-            Err(_) => 0,
-        };
+        let decision = result.as_ref().ok().copied();
         let outcome = match result {
-            Ok((true, _, _)) => Ok(()),
-            Ok((false, wait_us, _)) => Err(wait_us.max(1) * 1000),
+            Ok(d) if d.admitted => Ok(()),
+            Ok(d) => Err(d.wait_us.max(1) * 1000),
             Err(StoreError::Unavailable(_)) | Err(StoreError::Command(_)) if self.fail_open => {
                 self.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -172,7 +168,7 @@ impl PyRateLimiter {
             &self.refused
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        (outcome, decided_at)
+        (outcome, decision)
     }
 
     /// An attempt by the right rule set: shared when a URL was given, else in process.
@@ -378,7 +374,13 @@ impl PyRateLimiter {
     #[pyo3(signature = (key = None))]
     fn _try_acquire_at(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64, f64)> {
         let (outcome, at) = match &self.shared {
-            Some(redis) => self.attempt_shared_at(py, redis, key),
+            Some(redis) => {
+                let (outcome, decision) = self.attempt_shared_at(py, redis, key);
+                (
+                    outcome,
+                    decision.map_or(0, |d| d.now_us.saturating_mul(1000)),
+                )
+            }
             None => {
                 let now = self.clock.now_nanos(py)?;
                 (self.attempt(now, key), now)
@@ -388,6 +390,44 @@ impl PyRateLimiter {
             Ok(()) => (true, 0.0, at as f64 / NANOS),
             Err(wait) => (false, wait as f64 / NANOS, at as f64 / NANOS),
         })
+    }
+
+    /// One attempt with what RateLimit-* headers need, from the same decision:
+    /// `(admitted, retry_after, limit, remaining, reset_seconds)`.
+    #[pyo3(signature = (key = None))]
+    fn decide(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64, u32, u32, f64)> {
+        let limit = self.rate.count;
+        let (outcome, remaining, reset_ns) = match &self.shared {
+            Some(redis) => {
+                let (outcome, decision) = self.attempt_shared_at(py, redis, key);
+                let (remaining, reset) = decision.map_or((0, 0), |d| {
+                    (limit.saturating_sub(d.used), d.reset_us * 1000)
+                });
+                (outcome, remaining, reset)
+            }
+            None => {
+                let now = self.clock.now_nanos(py)?;
+                let outcome = self.attempt(now, key);
+                let limits = lock(&self.limits);
+                let window = match key {
+                    None => limits.global.window(now),
+                    Some(k) => limits
+                        .per_key
+                        .get(k)
+                        .map_or((limit, limit, 0), |(a, _)| a.window(now)),
+                };
+                (outcome, window.1, window.2)
+            }
+        };
+        let admitted = outcome.is_ok();
+        let retry_after = outcome.err().map_or(0.0, |w| w as f64 / NANOS);
+        Ok((
+            admitted,
+            retry_after,
+            limit,
+            remaining,
+            reset_ns as f64 / NANOS,
+        ))
     }
 
     /// Waits (GIL released) until admitted; raises `RateLimited` when that would take

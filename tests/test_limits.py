@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -295,3 +296,58 @@ def test_shared_limit_fails_open_or_closed() -> None:
     assert closed.try_acquire()[0] is False
     with pytest.raises(ValueError, match="unsupported limiter URL"):
         tenuto.RateLimiter("1/hour", url="memcached://x")
+
+
+def _hold_leases(url: str, name: str, barrier, results) -> None:  # pragma: no cover
+    lim = tenuto.RateLimiter("100000/second", max_concurrency=2, url=url, name=name)
+    peak_seen = []
+
+    def work() -> None:
+        with lim:
+            import redis as redis_py
+
+            client = redis_py.Redis.from_url(url)
+            peak_seen.append(client.zcard(f"tenuto:limit:{name}:leases"))
+            client.close()
+            time.sleep(0.05)  # holding the lease, like an upstream call
+
+    barrier.wait(30)
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    results.put(max(peak_seen))
+
+
+def test_concurrency_cap_shared_across_processes(redis_server, namespace) -> None:
+    """3 processes x 3 threads, max_concurrency=2 through Redis: never more than 2 leases."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_hold_leases, args=(redis_server.url, namespace, barrier, results))
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    peaks = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert max(peaks) == 2 and min(peaks) >= 1, peaks  # used, and never more than 2
+
+
+def test_dead_holders_lease_expires(redis_server, namespace) -> None:
+    lim = tenuto.RateLimiter(
+        "1000/second", max_concurrency=1, url=redis_server.url, name=namespace, lease_ttl=0.05
+    )
+    token = lim._lease()
+    assert token, "took the only lease"
+    assert lim._lease() is None, "the cap is shared"
+    deadline = time.monotonic() + 5
+    while lim._lease() is None:  # the holder never gives it back (it 'died')
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

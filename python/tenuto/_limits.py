@@ -3,9 +3,11 @@ managers (sync and async) and decorators. In process for now."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +17,9 @@ __all__ = ["CircuitBreaker", "CircuitOpen", "RateLimited", "RateLimiter"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Waiting for a lease held in another process: polling with backoff (seconds).
+LEASE_POLL_MIN, LEASE_POLL_MAX = 0.005, 0.2
+
 
 class RateLimiter(RateLimiterCore):
     """`RateLimiter(rate, min_interval=None, max_concurrency=None, burst=None, url=None,
@@ -23,29 +28,55 @@ class RateLimiter(RateLimiterCore):
     Never more than N admissions in any sliding window of the period. Outbound (default):
     admissions evenly spaced (period / N, or `min_interval` when larger), `burst` back to
     back at most. Inbound: up to N back to back. `max_concurrency` caps the calls in
-    flight inside `with lim:` / `async with lim:` / `@lim.limit`, threads and tasks alike
-    (in this process). With `url` (Redis/Valkey) the rate is shared by every process and
-    host using the same `name`, decided by one Lua script on the server's clock; when
-    Redis cannot be reached, `fail_open=True` admits (counted in `stats()`), False refuses.
+    flight inside `with lim:` / `async with lim:` / `@lim.limit`, threads and tasks alike.
+    With `url` (Redis/Valkey) the rate is shared by every process and host using the same
+    `name`, decided by one Lua script on the server's clock, and so is the concurrency cap
+    (leases that expire after `lease_ttl` seconds if their holder dies); when Redis cannot
+    be reached, `fail_open=True` admits (counted in `stats()`), False refuses.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Shared leases held by the calls in progress, per thread / task.
+        self._leases: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+            f"tenuto_leases_{id(self)}", default=()
+        )
+
+    def _take_lease(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        self._leases.set((*self._leases.get(), token))
+        return True
+
+    def _give_back(self) -> None:
+        stack = self._leases.get()
+        if stack:
+            self._leases.set(stack[:-1])
+            self._unlease(stack[-1])
+        self.release()
 
     def __enter__(self) -> RateLimiter:
         self._wait_slot()
         try:
-            self.acquire()
+            pause = LEASE_POLL_MIN
+            while not self._take_lease(self._lease()):  # every lease in use, elsewhere too
+                time.sleep(pause)
+                pause = min(pause * 2, LEASE_POLL_MAX)
         except BaseException:
             self.release()
+            raise
+        try:
+            self.acquire()
+        except BaseException:
+            self._give_back()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        self._give_back()
 
     async def aacquire(self, timeout: float | None = None, key: str | None = None) -> None:
         """Waits for admission without blocking the event loop; `RateLimited` when that
         would take longer than `timeout` seconds."""
-        import asyncio
-
         waited = 0.0
         while True:
             ok, retry_after = self.try_acquire(key)
@@ -71,14 +102,22 @@ class RateLimiter(RateLimiterCore):
     async def __aenter__(self) -> RateLimiter:
         await self._aslot()
         try:
-            await self.aacquire()
+            pause = LEASE_POLL_MIN
+            while not self._take_lease(self._lease()):
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, LEASE_POLL_MAX)
         except BaseException:
             self.release()
+            raise
+        try:
+            await self.aacquire()
+        except BaseException:
+            self._give_back()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.release()
+        self._give_back()
 
     def limit(self, fn: F) -> F:
         """Decorator: every call (sync or async) goes through `with lim:`."""

@@ -380,6 +380,42 @@ impl RedisStore {
         })
     }
 
+    /// Takes one of `max` concurrency leases (a sorted set scored by expiry on the server's
+    /// clock): a holder that dies frees its lease when `ttl_ms` runs out.
+    pub async fn lease(
+        &self,
+        key: String,
+        max: i64,
+        ttl_ms: i64,
+        token: String,
+    ) -> Result<bool, StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| redis::Script::new(crate::limit::LEASE_SCRIPT));
+        let taken: i64 = self
+            .run(|mut conn| async move {
+                script
+                    .key(key)
+                    .arg(max)
+                    .arg(ttl_ms)
+                    .arg(token)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(taken == 1)
+    }
+
+    pub async fn unlease(&self, key: String, token: String) -> Result<(), StoreError> {
+        self.run(|mut conn| async move {
+            redis::cmd("ZREM")
+                .arg(key)
+                .arg(token)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Pauses a shared limit for `ms` milliseconds (extending, never shortening, a pause).
     pub async fn limit_pause(&self, key: String, ms: i64) -> Result<(), StoreError> {
         self.run(|mut conn| async move {

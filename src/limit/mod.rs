@@ -59,6 +59,20 @@ end
 return {1, 0, int(now), used + 1, int(reset())}
 ";
 
+/// Concurrency leases shared through Redis. KEYS: the lease set. ARGV: max, ttl_ms,
+/// token. Returns 1 when the lease is taken (expired leases are dropped first).
+pub const LEASE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[2])), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1000)
+  return 1
+end
+return 0
+";
+
 /// `count` admissions per `period_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {

@@ -94,6 +94,7 @@ pub struct PyRateLimiter {
     shared: Option<Arc<RedisStore>>,
     fail_open: bool,
     admitted_unchecked: AtomicU64,
+    lease_ttl_ms: i64,
 }
 
 impl PyRateLimiter {
@@ -255,7 +256,8 @@ impl PyRateLimiter {
     #[new]
     #[pyo3(signature = (
         rate, min_interval = None, max_concurrency = None, burst = None, url = None,
-        name = "default", fail_open = true, *, mode = "outbound", max_keys = 100_000, clock = None
+        name = "default", fail_open = true, *, mode = "outbound", max_keys = 100_000, clock = None,
+        lease_ttl = 300.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -269,6 +271,7 @@ impl PyRateLimiter {
         mode: &str,
         max_keys: i64,
         clock: Option<&Bound<'_, PyAny>>,
+        lease_ttl: f64,
     ) -> PyResult<Self> {
         let shared = match url {
             None => None,
@@ -351,6 +354,7 @@ impl PyRateLimiter {
             shared,
             fail_open,
             admitted_unchecked: AtomicU64::new(0),
+            lease_ttl_ms: (seconds_to_nanos("lease_ttl", lease_ttl)? / 1_000_000).max(1),
         };
         limiter
             .limits
@@ -514,6 +518,37 @@ impl PyRateLimiter {
             lock(&slots.waiters).push_back((event_loop.unbind(), future.clone().unbind()));
         }
         Ok(future)
+    }
+
+    /// A concurrency lease shared by every process using this limiter's name (with `url`
+    /// and `max_concurrency`): its token, None when all are taken; "" when there is
+    /// nothing to lease, or Redis cannot be asked and the limiter fails open.
+    fn _lease(&self, py: Python<'_>) -> Option<String> {
+        let (Some(redis), Some(slots)) = (self.shared.clone(), &self.slots) else {
+            return Some(String::new());
+        };
+        let key = format!("tenuto:limit:{}:leases", self.name);
+        let token = crate::runtime::unique_token();
+        let (max, ttl, lease_token) = (slots.max as i64, self.lease_ttl_ms, token.clone());
+        match py.detach(move || crate::runtime::block_on(redis.lease(key, max, ttl, lease_token))) {
+            Ok(true) => Some(token),
+            Ok(false) => None,
+            Err(_) if self.fail_open => Some(String::new()),
+            Err(_) => None,
+        }
+    }
+
+    /// Gives back a shared lease ("" is no lease).
+    fn _unlease(&self, py: Python<'_>, token: &str) {
+        let Some(redis) = self.shared.clone().filter(|_| !token.is_empty()) else {
+            return;
+        };
+        let (key, token) = (
+            format!("tenuto:limit:{}:leases", self.name),
+            token.to_owned(),
+        );
+        // A lost release only keeps the lease until its TTL runs out.
+        let _ = py.detach(move || crate::runtime::block_on(redis.unlease(key, token)));
     }
 
     /// Gives back an in-flight slot.

@@ -351,3 +351,24 @@ def test_dead_holders_lease_expires(redis_server, namespace) -> None:
     while lim._lease() is None:  # the holder never gives it back (it 'died')
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_breaker_opens_on_a_failure_rate(clock: FakeClock) -> None:
+    br = tenuto.CircuitBreaker(failures=100, failure_rate=0.5, window=10, min_calls=4, clock=clock)
+
+    def call(fail: bool) -> None:
+        try:
+            with br:
+                if fail:
+                    raise ConnectionError
+        except ConnectionError:
+            pass
+
+    for fail in (True, False, True, False):
+        call(fail)
+        clock.advance(1)
+    assert br.state == "closed", "the rate is judged when a call fails: 3 calls were too few"
+    call(True)
+    assert br.state == "open", "3 of 5 failed in the window"
+    with pytest.raises(ValueError):
+        tenuto.CircuitBreaker(failure_rate=1.5)

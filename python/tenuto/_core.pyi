@@ -371,6 +371,9 @@ class CircuitBreakerCore:
         half_open_max: int = 1,
         name: str | None = None,
         *,
+        failure_rate: float | None = None,
+        window: float = 60.0,
+        min_calls: int = 10,
         clock: FakeClock | Callable[[], float] | None = None,
     ) -> CircuitBreakerCore: ...
     def _permit(self) -> bool: ...

@@ -140,7 +140,9 @@ class RateLimiter(RateLimiterCore):
 
 class CircuitBreaker(CircuitBreakerCore):
     """`CircuitBreaker(failures=5, reset_after=30, half_open_max=1, name=None, *,
-    clock=None)`: closed → open after `failures` consecutive failures; open calls raise
+    failure_rate=None, window=60, min_calls=10, clock=None)`: closed → open after
+    `failures` consecutive failures, or (with `failure_rate`) when at least `min_calls`
+    calls in the last `window` seconds failed at that rate or more; open calls raise
     `tenuto.CircuitOpen(retry_after)` at once; after `reset_after` seconds up to
     `half_open_max` probes go through, and a probe's outcome closes or reopens it.
     Exceptions count as failures; `BaseException`s (cancellation) count as nothing."""

@@ -17,6 +17,15 @@ pub enum Permit {
     Refused { retry_after_ns: i64 },
 }
 
+/// Also open when, over the last `window_ns`, at least `min_calls` calls were made and at
+/// least `rate` of them failed.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureRate {
+    pub rate: f64,
+    pub window_ns: i64,
+    pub min_calls: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Breaker {
     failures: u32,
@@ -25,6 +34,9 @@ pub struct Breaker {
     consecutive_failures: u32,
     opened_at: Option<i64>,
     probes_in_flight: u32,
+    failure_rate: Option<FailureRate>,
+    /// Outcomes (time, failed) inside the failure-rate window.
+    recent: std::collections::VecDeque<(i64, bool)>,
 }
 
 impl Breaker {
@@ -36,7 +48,32 @@ impl Breaker {
             consecutive_failures: 0,
             opened_at: None,
             probes_in_flight: 0,
+            failure_rate: None,
+            recent: std::collections::VecDeque::new(),
         }
+    }
+
+    pub fn with_failure_rate(mut self, failure_rate: FailureRate) -> Self {
+        self.failure_rate = Some(failure_rate);
+        self
+    }
+
+    /// Notes an outcome for the failure-rate rule; true if the rate now calls for opening.
+    fn note(&mut self, now: i64, failed: bool) -> bool {
+        let Some(rule) = self.failure_rate else {
+            return false;
+        };
+        self.recent.push_back((now, failed));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| *t + rule.window_ns <= now)
+        {
+            self.recent.pop_front();
+        }
+        let calls = self.recent.len();
+        let failed_calls = self.recent.iter().filter(|(_, f)| *f).count();
+        calls >= rule.min_calls as usize && failed_calls as f64 >= rule.rate * calls as f64
     }
 
     pub fn state(&self, now: i64) -> BreakerState {
@@ -63,7 +100,12 @@ impl Breaker {
     }
 
     /// Any success closes the breaker (a probe's, or a call admitted before it opened).
-    pub fn record_success(&mut self, _probe: bool) {
+    pub fn record_success(&mut self, now: i64, probe: bool) {
+        if probe {
+            self.recent.clear(); // a good probe starts a fresh window
+        } else {
+            self.note(now, false);
+        }
         self.consecutive_failures = 0;
         self.opened_at = None;
         self.probes_in_flight = 0;
@@ -76,7 +118,9 @@ impl Breaker {
             return;
         }
         self.consecutive_failures += 1;
-        if self.opened_at.is_none() && self.consecutive_failures >= self.failures {
+        let rate_exceeded = self.note(now, true);
+        if self.opened_at.is_none() && (self.consecutive_failures >= self.failures || rate_exceeded)
+        {
             self.opened_at = Some(now);
         }
     }
@@ -95,7 +139,7 @@ mod tests {
             assert_eq!(b.permit(0), Permit::Allowed { probe: false });
             b.record_failure(0, false);
         }
-        b.record_success(false);
+        b.record_success(0, false);
         for _ in 0..3 {
             b.record_failure(0, false);
         }
@@ -120,7 +164,7 @@ mod tests {
             "a failed probe reopens"
         );
         assert_eq!(b.permit(61 * S), Permit::Allowed { probe: true });
-        b.record_success(true);
+        b.record_success(61 * S, true);
         assert_eq!(b.state(61 * S), BreakerState::Closed, "a good probe closes");
         assert_eq!(b.permit(61 * S), Permit::Allowed { probe: false });
     }
@@ -130,8 +174,45 @@ mod tests {
         let mut b = Breaker::new(2, S, 1);
         for _ in 0..10 {
             b.record_failure(0, false);
-            b.record_success(false);
+            b.record_success(0, false);
         }
         assert_eq!(b.state(0), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failure_rate_over_a_window_opens_too() {
+        let rule = FailureRate {
+            rate: 0.5,
+            window_ns: 10 * S,
+            min_calls: 4,
+        };
+        let mut b = Breaker::new(100, S, 1).with_failure_rate(rule);
+        b.record_failure(0, false);
+        b.record_success(0, false);
+        b.record_failure(S, false);
+        assert_eq!(b.state(S), BreakerState::Closed, "3 calls: under min_calls");
+        b.record_success(2 * S, false);
+        assert_eq!(
+            b.state(2 * S),
+            BreakerState::Closed,
+            "2 of 4 failed, the last a success"
+        );
+        b.record_failure(3 * S, false);
+        assert_eq!(
+            b.state(3 * S),
+            BreakerState::Open,
+            "3 of 5 failed: over 50 %"
+        );
+        let mut old = Breaker::new(100, S, 1).with_failure_rate(rule);
+        for t in 0..3 {
+            old.record_failure(t * S, false);
+        }
+        old.record_success(20 * S, false);
+        old.record_failure(21 * S, false);
+        assert_eq!(
+            old.state(21 * S),
+            BreakerState::Closed,
+            "old failures left the window"
+        );
     }
 }

@@ -13,7 +13,7 @@ use pyo3::types::PyDict;
 
 use std::sync::Arc;
 
-use super::breaker::{Breaker, BreakerState, Permit};
+use super::breaker::{Breaker, BreakerState, FailureRate, Permit};
 use super::{Admission, Rate};
 use crate::cache::redis::{RedisConfig, RedisStore, SharedDecision, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
@@ -709,12 +709,19 @@ pub struct PyCircuitBreaker {
 #[pymethods]
 impl PyCircuitBreaker {
     #[new]
-    #[pyo3(signature = (failures = 5, reset_after = 30.0, half_open_max = 1, name = None, *, clock = None))]
+    #[pyo3(signature = (
+        failures = 5, reset_after = 30.0, half_open_max = 1, name = None, *, failure_rate = None,
+        window = 60.0, min_calls = 10, clock = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         failures: i64,
         reset_after: f64,
         half_open_max: i64,
         name: Option<&str>,
+        failure_rate: Option<f64>,
+        window: f64,
+        min_calls: i64,
         clock: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         if failures < 1 || half_open_max < 1 {
@@ -722,14 +729,26 @@ impl PyCircuitBreaker {
                 "failures and half_open_max must be at least 1",
             ));
         }
+        let reset_after_ns = seconds_to_nanos("reset_after", reset_after)?;
+        let mut breaker = Breaker::new(failures as u32, reset_after_ns, half_open_max as u32);
+        if let Some(rate) = failure_rate {
+            if !(rate > 0.0 && rate <= 1.0) || min_calls < 1 {
+                return Err(PyValueError::new_err(
+                    "failure_rate must be in (0, 1] and min_calls at least 1",
+                ));
+            }
+            let window_ns = seconds_to_nanos("window", window)?.max(1);
+            let min_calls = min_calls as u32;
+            breaker = breaker.with_failure_rate(FailureRate {
+                rate,
+                window_ns,
+                min_calls,
+            });
+        }
         Ok(Self {
             name: name.unwrap_or("default").to_owned(),
             clock: PyClock::from_arg(clock)?,
-            core: Mutex::new(Breaker::new(
-                failures as u32,
-                seconds_to_nanos("reset_after", reset_after)?,
-                half_open_max as u32,
-            )),
+            core: Mutex::new(breaker),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -758,8 +777,10 @@ impl PyCircuitBreaker {
         }
     }
 
-    fn _success(&self, probe: bool) {
-        lock(&self.core).record_success(probe);
+    fn _success(&self, py: Python<'_>, probe: bool) -> PyResult<()> {
+        let now = self.clock.now_nanos(py)?;
+        lock(&self.core).record_success(now, probe);
+        Ok(())
     }
 
     fn _failure(&self, py: Python<'_>, probe: bool) -> PyResult<()> {

@@ -372,3 +372,26 @@ def test_breaker_opens_on_a_failure_rate(clock: FakeClock) -> None:
     assert br.state == "open", "3 of 5 failed in the window"
     with pytest.raises(ValueError):
         tenuto.CircuitBreaker(failure_rate=1.5)
+
+
+def test_breaker_state_shared_through_redis(redis_server, namespace) -> None:
+    """Two processes' breakers on one Redis: failures seen by one open both."""
+    one = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
+    two = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
+    for breaker in (one, two):
+        with pytest.raises(ConnectionError), breaker:
+            raise ConnectionError
+    assert one.state == "open" and two.state == "open"
+    with pytest.raises(tenuto.CircuitOpen) as raised, two:
+        pass
+    assert 0 < raised.value.retry_after <= 0.2
+    deadline = time.monotonic() + 5
+    while two.state != "half_open":  # reset_after passes on the Redis server's clock
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with one:  # the one probe, and it succeeds
+        with pytest.raises(tenuto.CircuitOpen), two:
+            pass
+    assert one.state == "closed" and two.state == "closed"
+    with pytest.raises(ValueError, match="unsupported breaker URL"):
+        tenuto.CircuitBreaker(url="memcached://x")

@@ -374,6 +374,7 @@ class CircuitBreakerCore:
         failure_rate: float | None = None,
         window: float = 60.0,
         min_calls: int = 10,
+        url: str | None = None,
         clock: FakeClock | Callable[[], float] | None = None,
     ) -> CircuitBreakerCore: ...
     def _permit(self) -> bool: ...

@@ -140,12 +140,15 @@ class RateLimiter(RateLimiterCore):
 
 class CircuitBreaker(CircuitBreakerCore):
     """`CircuitBreaker(failures=5, reset_after=30, half_open_max=1, name=None, *,
-    failure_rate=None, window=60, min_calls=10, clock=None)`: closed → open after
+    failure_rate=None, window=60, min_calls=10, url=None, clock=None)`: closed → open after
     `failures` consecutive failures, or (with `failure_rate`) when at least `min_calls`
     calls in the last `window` seconds failed at that rate or more; open calls raise
     `tenuto.CircuitOpen(retry_after)` at once; after `reset_after` seconds up to
     `half_open_max` probes go through, and a probe's outcome closes or reopens it.
-    Exceptions count as failures; `BaseException`s (cancellation) count as nothing."""
+    Exceptions count as failures; `BaseException`s (cancellation) count as nothing.
+    With `url` (Redis) the state is shared by every process using the same `name`, on the
+    server's clock (the failure-rate rule stays per process); while Redis cannot be
+    reached, each process's own state decides."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Which calls in progress are probes, per thread / task (contexts do not leak).

@@ -416,6 +416,25 @@ impl RedisStore {
         .await
     }
 
+    /// One step of a shared circuit breaker (see `limit::BREAKER_SCRIPT`).
+    pub async fn breaker_step(
+        &self,
+        key: String,
+        args: [String; 5],
+    ) -> Result<(i64, i64), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| redis::Script::new(crate::limit::BREAKER_SCRIPT));
+        self.run(|mut conn| async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(key);
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
     /// Pauses a shared limit for `ms` milliseconds (extending, never shortening, a pause).
     pub async fn limit_pause(&self, key: String, ms: i64) -> Result<(), StoreError> {
         self.run(|mut conn| async move {

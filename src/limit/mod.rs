@@ -73,6 +73,43 @@ end
 return 0
 ";
 
+/// A circuit breaker's state shared through Redis (one hash, on the server's clock).
+/// KEYS: the hash. ARGV: op ("state", "permit", "success", "failure"), failures,
+/// reset_ms, half_open_max, probe (0/1). Replies {verdict, wait_ms}: "state" 0 closed,
+/// 1 open, 2 half open; "permit" 0 refused, 1 allowed, 2 allowed as a probe; "failure"
+/// 1 when the breaker is (now) open.
+pub const BREAKER_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, failures = ARGV[1], tonumber(ARGV[2])
+local reset, half_open_max, probe = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+local opened = tonumber(redis.call('HGET', KEYS[1], 'opened') or '')
+if op == 'state' then
+  if not opened then return {0, 0} end
+  if now < opened + reset then return {1, opened + reset - now} end
+  return {2, 0}
+elseif op == 'permit' then
+  if not opened then return {1, 0} end
+  if now < opened + reset then return {0, opened + reset - now} end
+  if redis.call('HINCRBY', KEYS[1], 'probes', 1) <= half_open_max then return {2, 0} end
+  redis.call('HINCRBY', KEYS[1], 'probes', -1)
+  return {0, 0}
+elseif op == 'success' then
+  redis.call('DEL', KEYS[1])
+  return {0, 0}
+end
+if probe then
+  redis.call('HSET', KEYS[1], 'opened', string.format('%.0f', now), 'probes', 0)
+else
+  local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
+  if not opened and consecutive >= failures then
+    redis.call('HSET', KEYS[1], 'opened', string.format('%.0f', now), 'probes', 0)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], reset + 86400000)
+return {redis.call('HEXISTS', KEYS[1], 'opened'), 0}
+";
+
 /// `count` admissions per `period_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {

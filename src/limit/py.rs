@@ -273,24 +273,7 @@ impl PyRateLimiter {
         clock: Option<&Bound<'_, PyAny>>,
         lease_ttl: f64,
     ) -> PyResult<Self> {
-        let shared = match url {
-            None => None,
-            Some("memory://") => None,
-            Some(u) => {
-                let scheme = u.split_once("://").map(|(s, _)| s).unwrap_or("");
-                if !SCHEMES.contains(&scheme) {
-                    return Err(PyValueError::new_err(format!(
-                        "unsupported limiter URL {:?}: expected redis://, rediss://, valkey:// or valkeys://",
-                        crate::cache::redis::redact(u)
-                    )));
-                }
-                Some(RedisStore::new(RedisConfig {
-                    url: u.to_owned(),
-                    connect_timeout: std::time::Duration::from_millis(250),
-                    command_timeout: std::time::Duration::from_secs(1),
-                })?)
-            }
-        };
+        let shared = shared_store(url, "limiter")?;
         let rate_text: &str = rate
             .extract()
             .map_err(|_| PyTypeError::new_err("rate must be a str such as \"80/minute\""))?;
@@ -694,12 +677,54 @@ impl PyRateLimiter {
     }
 }
 
+/// A Redis store for `url`, or None for in-process state.
+fn shared_store(url: Option<&str>, what: &str) -> PyResult<Option<Arc<RedisStore>>> {
+    let Some(url) = url.filter(|u| *u != "memory://") else {
+        return Ok(None);
+    };
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    if !SCHEMES.contains(&scheme) {
+        return Err(PyValueError::new_err(format!(
+            "unsupported {what} URL {:?}: expected redis://, rediss://, valkey:// or valkeys://",
+            crate::cache::redis::redact(url)
+        )));
+    }
+    Ok(Some(RedisStore::new(RedisConfig {
+        url: url.to_owned(),
+        connect_timeout: std::time::Duration::from_millis(250),
+        command_timeout: std::time::Duration::from_secs(1),
+    })?))
+}
+
+impl PyCircuitBreaker {
+    /// One step of the shared state, GIL released; None without Redis or when it cannot
+    /// be reached (the local state decides then).
+    fn shared_step(&self, py: Python<'_>, op: &str, probe: bool) -> Option<(i64, i64)> {
+        let redis = self.shared.clone().filter(|r| !r.is_down())?;
+        let (failures, reset_ms, half_open_max) = self.settings;
+        let key = format!("tenuto:breaker:{}", self.name);
+        let args = [
+            op.to_owned(),
+            failures.to_string(),
+            reset_ms.to_string(),
+            half_open_max.to_string(),
+            u8::from(probe).to_string(),
+        ];
+        py.detach(move || crate::runtime::block_on(redis.breaker_step(key, args)))
+            .ok()
+    }
+}
+
 /// Circuit breaker state; see `tenuto.CircuitBreaker`.
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "CircuitBreakerCore")]
 pub struct PyCircuitBreaker {
     name: String,
     clock: PyClock,
     core: Mutex<Breaker>,
+    /// Shared through Redis (state on the server's clock); the local `core` decides
+    /// while Redis cannot be reached.
+    shared: Option<Arc<RedisStore>>,
+    settings: (u32, i64, u32),
     calls: AtomicU64,
     failures: AtomicU64,
     refused: AtomicU64,
@@ -711,7 +736,7 @@ impl PyCircuitBreaker {
     #[new]
     #[pyo3(signature = (
         failures = 5, reset_after = 30.0, half_open_max = 1, name = None, *, failure_rate = None,
-        window = 60.0, min_calls = 10, clock = None
+        window = 60.0, min_calls = 10, url = None, clock = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -722,8 +747,10 @@ impl PyCircuitBreaker {
         failure_rate: Option<f64>,
         window: f64,
         min_calls: i64,
+        url: Option<&str>,
         clock: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let shared = shared_store(url, "breaker")?;
         if failures < 1 || half_open_max < 1 {
             return Err(PyValueError::new_err(
                 "failures and half_open_max must be at least 1",
@@ -749,6 +776,12 @@ impl PyCircuitBreaker {
             name: name.unwrap_or("default").to_owned(),
             clock: PyClock::from_arg(clock)?,
             core: Mutex::new(breaker),
+            shared,
+            settings: (
+                failures as u32,
+                reset_after_ns / 1_000_000,
+                half_open_max as u32,
+            ),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -759,7 +792,15 @@ impl PyCircuitBreaker {
     /// Asks to make a call: returns whether it is a probe, or raises `CircuitOpen`.
     fn _permit(&self, py: Python<'_>) -> PyResult<bool> {
         let now = self.clock.now_nanos(py)?;
-        let permit = lock(&self.core).permit(now);
+        let permit = match self.shared_step(py, "permit", false) {
+            Some((0, wait_ms)) => Permit::Refused {
+                retry_after_ns: wait_ms * 1_000_000,
+            },
+            Some((verdict, _)) => Permit::Allowed {
+                probe: verdict == 2,
+            },
+            None => lock(&self.core).permit(now),
+        };
         match permit {
             Permit::Allowed { probe } => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
@@ -779,6 +820,7 @@ impl PyCircuitBreaker {
 
     fn _success(&self, py: Python<'_>, probe: bool) -> PyResult<()> {
         let now = self.clock.now_nanos(py)?;
+        self.shared_step(py, "success", probe);
         lock(&self.core).record_success(now, probe);
         Ok(())
     }
@@ -786,6 +828,12 @@ impl PyCircuitBreaker {
     fn _failure(&self, py: Python<'_>, probe: bool) -> PyResult<()> {
         let now = self.clock.now_nanos(py)?;
         self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some((open, _)) = self.shared_step(py, "failure", probe) {
+            if open == 1 {
+                self.opened.fetch_add(u64::from(!probe), Ordering::Relaxed);
+            }
+            return Ok(());
+        }
         let mut core = lock(&self.core);
         let was_open = core.state(now) != BreakerState::Closed;
         core.record_failure(now, probe);
@@ -799,7 +847,13 @@ impl PyCircuitBreaker {
     #[getter]
     fn state(&self, py: Python<'_>) -> PyResult<&'static str> {
         let now = self.clock.now_nanos(py)?;
-        Ok(match lock(&self.core).state(now) {
+        let state = match self.shared_step(py, "state", false) {
+            Some((0, _)) => BreakerState::Closed,
+            Some((1, _)) => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+            None => lock(&self.core).state(now),
+        };
+        Ok(match state {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half_open",

@@ -529,18 +529,17 @@ impl CacheCore {
         now: i64,
         result: Option<Result<(), StoreError>>,
     ) -> PyResult<()> {
-        match result {
-            Some(Ok(())) => {}
+        let in_memory = match result {
+            Some(Ok(())) => false,
             Some(Err(err)) => {
                 self.absorb(err)?;
-                for (key, envelope) in written {
-                    self.store_in_memory(py, key, envelope, now);
-                }
+                true
             }
-            None => {
-                for (key, envelope) in written {
-                    self.store_in_memory(py, key, envelope, now);
-                }
+            None => true,
+        };
+        if in_memory {
+            for (key, envelope) in written {
+                self.store_in_memory(py, key, envelope, now);
             }
         }
         self.counters

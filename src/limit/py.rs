@@ -172,6 +172,20 @@ impl PyRateLimiter {
         (outcome, decision)
     }
 
+    /// `(limit, remaining, ns until a slot frees)` of the in-process window.
+    fn local_window(&self, now: i64, key: Option<&str>) -> (u32, u32, i64) {
+        let limits = lock(&self.limits);
+        match key {
+            None => limits.global.window(now),
+            Some(k) => limits
+                .per_key
+                .get(k)
+                .map_or((self.rate.count, self.rate.count, 0), |(a, _)| {
+                    a.window(now)
+                }),
+        }
+    }
+
     /// An attempt by the right rule set: shared when a URL was given, else in process.
     fn attempt_any(&self, py: Python<'_>, key: Option<&str>) -> PyResult<Result<(), i64>> {
         match &self.shared {
@@ -395,15 +409,8 @@ impl PyRateLimiter {
             None => {
                 let now = self.clock.now_nanos(py)?;
                 let outcome = self.attempt(now, key);
-                let limits = lock(&self.limits);
-                let window = match key {
-                    None => limits.global.window(now),
-                    Some(k) => limits
-                        .per_key
-                        .get(k)
-                        .map_or((limit, limit, 0), |(a, _)| a.window(now)),
-                };
-                (outcome, window.1, window.2)
+                let (_, remaining, reset) = self.local_window(now, key);
+                (outcome, remaining, reset)
             }
         };
         let admitted = outcome.is_ok();
@@ -606,15 +613,7 @@ impl PyRateLimiter {
     /// `(limit, remaining, reset_seconds)` of the window now, for RateLimit-* headers.
     #[pyo3(signature = (key = None))]
     fn window(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(u32, u32, f64)> {
-        let now = self.clock.now_nanos(py)?;
-        let limits = lock(&self.limits);
-        let (limit, remaining, reset) = match key {
-            None => limits.global.window(now),
-            Some(k) => match limits.per_key.get(k) {
-                Some((a, _)) => a.window(now),
-                None => (self.rate.count, self.rate.count, 0),
-            },
-        };
+        let (limit, remaining, reset) = self.local_window(self.clock.now_nanos(py)?, key);
         Ok((limit, remaining, reset as f64 / NANOS))
     }
 

@@ -13,18 +13,28 @@ use moka::Expiry;
 
 use super::Times;
 
+/// A value with its envelope times: what the engine serves, whichever store it came from.
 pub struct Entry<V> {
     pub value: V,
     pub times: Times,
+    /// Consecutive negative answers this entry records (0 for a positive value).
+    pub negative: u32,
     keep_for: Duration,
 }
 
 impl<V> Entry<V> {
     pub fn new(value: V, times: Times, now: i64) -> Arc<Self> {
+        Self::kept(value, times, 0, times.keep_for(now))
+    }
+
+    /// An entry kept for `keep_secs` seconds, which a negative entry needs beyond its
+    /// `stale_until` so the next answer still sees its streak.
+    pub fn kept(value: V, times: Times, negative: u32, keep_secs: u64) -> Arc<Self> {
         Arc::new(Self {
             value,
             times,
-            keep_for: Duration::from_secs(times.keep_for(now)),
+            negative,
+            keep_for: Duration::from_secs(keep_secs.max(1)),
         })
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{CoreError, CoreResult};
 
+pub mod engine;
 pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 
+use super::engine::{FlightKeys, LockReply, Remote};
 use crate::error::{CoreError, CoreResult};
 use crate::runtime;
 
@@ -56,9 +57,17 @@ pub struct RedisStore {
     /// URL without its password, for logs and stats.
     pub display_url: String,
     state: Mutex<ConnState>,
+    /// Connections for blocking waits (BLPOP), which would stall every other command on
+    /// the shared multiplexed connection. Tagged with the fork epoch they were made in.
+    blocking: Mutex<(u64, Vec<MultiplexedConnection>)>,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
+
+/// Idle blocking connections kept per process.
+const BLOCKING_POOL: usize = 4;
+/// How long the wake-up list of a finished load lives (waiters pop it within this).
+const WAKE_LIST_MS: u64 = 10_000;
 
 /// Redis URL schemes tenuto accepts (redis-rs reads all of them).
 pub const SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
@@ -110,6 +119,7 @@ impl RedisStore {
                 reconnecting: false,
                 last_error: String::new(),
             }),
+            blocking: Mutex::new((runtime::fork_epoch(), Vec::new())),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -293,7 +303,7 @@ impl RedisStore {
 
     /// Deletes every key matching `pattern` with SCAN + UNLINK (never KEYS, which blocks the
     /// server). Returns how many keys were removed.
-    pub async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
+    async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
@@ -325,29 +335,6 @@ impl RedisStore {
             }
             cursor = next;
         }
-    }
-
-    /// `SET lock token NX PX ttl`: true when this caller now holds the lock.
-    pub async fn try_lock(
-        &self,
-        lock_key: String,
-        token: String,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let millis = ttl.as_millis().max(1) as u64;
-        let reply: Option<String> = self
-            .run(|mut conn| async move {
-                redis::cmd("SET")
-                    .arg(lock_key)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(reply.is_some())
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
@@ -453,51 +440,41 @@ impl RedisStore {
         .await
     }
 
-    /// Deletes the lock only if it still holds `token` (it may have expired and been
-    /// taken by another process meanwhile).
-    pub async fn unlock(&self, lock_key: String, token: String) -> Result<bool, StoreError> {
-        static COMPARE_AND_DELETE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-        let script = COMPARE_AND_DELETE.get_or_init(|| {
-            redis::Script::new(
-                "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
-            )
-        });
-        let deleted: u64 = self
-            .run(|mut conn| async move {
-                script
-                    .key(lock_key)
-                    .arg(token)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(deleted == 1)
+    fn take_blocking(&self) -> Option<MultiplexedConnection> {
+        let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        let epoch = runtime::fork_epoch();
+        if pool.0 != epoch {
+            // Connections of the parent process: their driver tasks do not run here.
+            std::mem::forget(std::mem::take(&mut pool.1));
+            pool.0 = epoch;
+        }
+        pool.1.pop()
     }
 
-    /// Waits (polling with backoff, never spinning) until `key` holds a value that `accept`
-    /// takes, or the lock is gone without one (the leader failed), or `timeout` passes.
-    pub async fn wait_for_write(
-        &self,
-        key: String,
-        lock_key: String,
-        timeout: Duration,
-        accept: impl Fn(&[u8]) -> bool + Send,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let keys = vec![key.clone(), lock_key.clone()];
-            let mut values = self.mget(keys).await?.into_iter();
-            let (value, lock) = (values.next().flatten(), values.next().flatten());
-            if let Some(value) = value.filter(|v| accept(v)) {
-                return Ok(Some(value));
-            }
-            let now = tokio::time::Instant::now();
-            if lock.is_none() || now >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+    fn give_back_blocking(&self, conn: MultiplexedConnection) {
+        let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.0 == runtime::fork_epoch() && pool.1.len() < BLOCKING_POOL {
+            pool.1.push(conn);
+        }
+    }
+
+    async fn blocking_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        if self.is_down() {
+            return Err(StoreError::Unavailable(self.last_error()));
+        }
+        if let Some(conn) = self.take_blocking() {
+            return Ok(conn);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            .set_response_timeout(None);
+        let attempt = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
+            Err(_) => Err(StoreError::Unavailable("connect timed out".into())),
         }
     }
 
@@ -508,6 +485,151 @@ impl RedisStore {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err("PING timed out".into()),
+        }
+    }
+}
+
+fn script(cell: &'static std::sync::OnceLock<redis::Script>, text: &str) -> &'static redis::Script {
+    cell.get_or_init(|| redis::Script::new(text))
+}
+
+impl Remote for RedisStore {
+    fn is_down(&self) -> bool {
+        RedisStore::is_down(self)
+    }
+
+    fn down_reason(&self) -> String {
+        format!("Redis at {}: {}", self.display_url, self.last_error())
+    }
+
+    fn outages(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed)
+    }
+
+    async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        RedisStore::get(self, key).await
+    }
+
+    async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        RedisStore::mget(self, keys).await
+    }
+
+    async fn write_many(
+        &self,
+        sets: Vec<(String, Vec<u8>, u64)>,
+        deletes: Vec<String>,
+    ) -> Result<(), StoreError> {
+        RedisStore::write_many(self, sets, deletes).await
+    }
+
+    async fn delete(&self, keys: Vec<String>) -> Result<u64, StoreError> {
+        RedisStore::delete(self, keys).await
+    }
+
+    async fn delete_prefixed(&self, prefix: String) -> Result<u64, StoreError> {
+        self.delete_matching(format!("{}*", glob_escape(&prefix)))
+            .await
+    }
+
+    async fn read_or_lock(
+        &self,
+        keys: &FlightKeys,
+        token: &str,
+        lock_ttl: Duration,
+        now: i64,
+    ) -> Result<(Option<Vec<u8>>, LockReply), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = script(&SCRIPT, include_str!("scripts/read_or_lock.lua"));
+        let millis = lock_ttl.as_millis().max(1) as u64;
+        let (value, answer): (Option<Vec<u8>>, i64) = self
+            .run(|mut conn| async move {
+                script
+                    .key(&keys.value)
+                    .key(&keys.lock)
+                    .key(&keys.waiters)
+                    .arg(token)
+                    .arg(millis)
+                    .arg(now)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let reply = match answer {
+            0 => LockReply::NotNeeded,
+            1 => LockReply::Taken,
+            _ => LockReply::HeldElsewhere,
+        };
+        Ok((value, reply))
+    }
+
+    async fn try_lock(
+        &self,
+        keys: &FlightKeys,
+        token: &str,
+        lock_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let millis = lock_ttl.as_millis().max(1) as u64;
+        let reply: Option<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(&keys.lock)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    async fn finish(
+        &self,
+        keys: &FlightKeys,
+        write: Option<(Vec<u8>, u64)>,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = script(&SCRIPT, include_str!("scripts/finish.lua"));
+        let (flag, value, seconds) = match write {
+            Some((value, seconds)) => ("1", value, seconds),
+            None => ("0", Vec::new(), 0),
+        };
+        self.run(|mut conn| async move {
+            script
+                .key(&keys.value)
+                .key(&keys.lock)
+                .key(&keys.waiters)
+                .key(&keys.done)
+                .arg(token)
+                .arg(flag)
+                .arg(value)
+                .arg(seconds)
+                .arg(WAKE_LIST_MS)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn wait_done(&self, keys: &FlightKeys, timeout: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.blocking_connection().await?;
+        // BLPOP takes seconds with decimals (Redis 6+); 0 would mean "forever".
+        let seconds = timeout.as_secs_f64().max(0.01);
+        let mut blpop = redis::cmd("BLPOP");
+        blpop.arg(&keys.done).arg(seconds);
+        let pop = blpop.query_async::<Option<(String, String)>>(&mut conn);
+        // The server answers nil after `seconds`; our own deadline only guards a hung server.
+        match tokio::time::timeout(timeout + self.config.command_timeout, pop).await {
+            Ok(Ok(popped)) => {
+                self.give_back_blocking(conn);
+                Ok(popped.is_some())
+            }
+            Ok(Err(err)) if !is_outage(&err) => Err(StoreError::Command(err.to_string())),
+            Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
+            Err(_) => Err(StoreError::Unavailable("BLPOP timed out".into())),
         }
     }
 }

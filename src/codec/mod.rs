@@ -129,11 +129,13 @@ pub fn write_json_utf16_ascii(out: &mut String, units: &[u16]) {
 }
 
 /// The envelope as stored in Redis: one JSON object, payload first. `codec` is present
-/// only for opt-in pickle payloads (a base64 string then).
+/// only for opt-in pickle payloads (a base64 string then); `negative` only on negative
+/// answers (the streak of consecutive ones, which sets the next backoff).
 pub fn encode_envelope(
     payload_json: &str,
     times: crate::cache::Times,
     codec: Option<&str>,
+    negative: u32,
 ) -> Vec<u8> {
     let mut out = String::with_capacity(payload_json.len() + 96);
     out.push_str("{\"payload\":");
@@ -151,6 +153,10 @@ pub fn encode_envelope(
     if let Some(codec) = codec {
         out.push_str(",\"codec\":");
         write_json_str(&mut out, codec, true);
+    }
+    if negative > 0 {
+        out.push_str(",\"negative\":");
+        out.push_str(&negative.to_string());
     }
     out.push('}');
     out.into_bytes()
@@ -180,6 +186,8 @@ pub struct WireEnvelope<'a> {
     pub stale_until: i64,
     #[serde(default)]
     pub codec: Option<String>,
+    #[serde(default)]
+    pub negative: u32,
 }
 
 impl WireEnvelope<'_> {
@@ -249,7 +257,7 @@ mod tests {
             fresh_until: 2,
             stale_until: 3,
         };
-        let bytes = encode_envelope("{\"a\":[1,2]}", times, None);
+        let bytes = encode_envelope("{\"a\":[1,2]}", times, None, 0);
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             r#"{"payload":{"a":[1,2]},"fetched_at":1,"fresh_until":2,"stale_until":3}"#
@@ -257,6 +265,8 @@ mod tests {
         let decoded = decode_envelope(&bytes).unwrap();
         assert_eq!(decoded.times(), times);
         assert_eq!(decoded.payload.get(), "{\"a\":[1,2]}");
+        let negative = encode_envelope("null", times, None, 3);
+        assert_eq!(decode_envelope(&negative).unwrap().negative, 3);
         assert!(decode_envelope(b"not json").is_err());
         assert!(decode_envelope(br#"{"payload":1}"#).is_err());
         let floats =

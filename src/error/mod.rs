@@ -17,6 +17,9 @@ pub enum CoreError {
     /// A backend answered, but with an error (wrong type, script error, ...).
     #[error("{0}")]
     Backend(String),
+    /// Waiting here could never end (a thread waiting for a flight it leads itself).
+    #[error("{0}")]
+    WouldDeadlock(String),
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

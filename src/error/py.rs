@@ -2,7 +2,7 @@
 //! from `TenutoError`; bad input raises the `ValueError`/`TypeError` Python users expect.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::PyErr;
 
 use super::CoreError;
@@ -33,6 +33,7 @@ impl From<CoreError> for PyErr {
             CoreError::InvalidType(msg) => PyTypeError::new_err(msg),
             CoreError::BackendUnavailable(msg) => BackendUnavailable::new_err(msg),
             CoreError::Backend(msg) => BackendError::new_err(msg),
+            CoreError::WouldDeadlock(msg) => PyRuntimeError::new_err(msg),
         }
     }
 }

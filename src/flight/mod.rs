@@ -64,6 +64,25 @@ impl<V> Flight<V> {
         lock(&self.state).leader_thread = None;
     }
 
+    /// The leader's work runs on the current thread from now on (an async leader whose
+    /// flight began on a runtime thread, handing its work to the event loop's thread).
+    pub fn claim_for_current_thread(&self) {
+        lock(&self.state).leader_thread = Some(std::thread::current().id());
+    }
+
+    /// Waits for the flight to land without blocking a thread (for async callers).
+    pub async fn landed(&self) -> Arc<Outcome<V>>
+    where
+        V: Send + Sync + 'static,
+    {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.on_landed(move |outcome| {
+            let _ = sender.send(outcome);
+        });
+        // The sender lives in the flight until it lands, and landing sends before dropping.
+        receiver.await.unwrap_or_else(|_| Arc::new(Outcome::Abandoned))
+    }
+
     /// True if waiting for this flight on the current thread could never end.
     pub fn would_wait_for_itself(&self) -> bool {
         let state = lock(&self.state);
@@ -188,10 +207,15 @@ impl<V> LeaderGuard<V> {
 
     /// Lands the flight: every waiter gets `outcome`.
     pub fn land(mut self, outcome: Outcome<V>) {
+        self.land_with(Arc::new(outcome));
+    }
+
+    /// Lands with an outcome the leader keeps a handle on too.
+    pub fn land_shared(mut self, outcome: Arc<Outcome<V>>) {
         self.land_with(outcome);
     }
 
-    fn land_with(&mut self, outcome: Outcome<V>) {
+    fn land_with(&mut self, outcome: Arc<Outcome<V>>) {
         if self.landed {
             return;
         }
@@ -206,7 +230,6 @@ impl<V> LeaderGuard<V> {
             }
         };
         drop(removed);
-        let outcome = Arc::new(outcome);
         let callbacks = {
             let mut state = lock(&self.flight.state);
             state.outcome = Some(Arc::clone(&outcome));
@@ -221,7 +244,7 @@ impl<V> LeaderGuard<V> {
 
 impl<V> Drop for LeaderGuard<V> {
     fn drop(&mut self) {
-        self.land_with(Outcome::Abandoned);
+        self.land_with(Arc::new(Outcome::Abandoned));
     }
 }
 

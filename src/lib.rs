@@ -27,7 +27,7 @@ mod _core {
     use crate::cache::py::{PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
     use crate::cached::py::{
-        current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState,
+        current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,
     };
     #[pymodule_export]
     use crate::clock::py::PyFakeClock;
@@ -44,7 +44,7 @@ mod _core {
     #[pymodule_export]
     use crate::registry::py::PyIdRegistry;
     #[pymodule_export]
-    use crate::runtime::py::Ready;
+    use crate::runtime::py::{Pending, Ready};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

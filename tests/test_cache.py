@@ -142,11 +142,19 @@ def test_memory_async_hit_needs_no_loop() -> None:
     assert done.value.value.value == "v"
 
 
-def test_memory_keeps_object_identity() -> None:
+def test_memory_keeps_json_values_as_they_are_and_objects_only_when_asked() -> None:
     cache = tenuto.Cache()
+    value = {"a": [1, 2.5, None]}
+    cache.set("v", value, ttl=10)
+    assert cache.get("v").value is value, "a plain JSON value is kept, not copied"
+    with pytest.raises(TypeError, match="object is not JSON serializable"):
+        cache.set("o", object(), ttl=10)
+    objects = tenuto.Cache(serializer="object")
     obj = object()
-    cache.set("o", obj, ttl=10)
-    assert cache.get("o").value is obj
+    objects.set("o", obj, ttl=10)
+    assert objects.get("o").value is obj
+    with pytest.raises(ValueError, match="memory only"):
+        tenuto.Cache("redis://127.0.0.1:1", serializer="object")
 
 
 def test_memory_is_bounded_and_counts_evictions() -> None:

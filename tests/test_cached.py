@@ -15,19 +15,11 @@ import tenuto
 
 def settle(fn, *args, **kwargs) -> None:
     """Waits for the load or refresh of this call's key that is in flight, if any."""
-    leader, flight = fn._flights._group.join(fn.key(*args, **kwargs))
-    if leader:
-        flight.abandon()
-    else:
-        flight.wait()
+    fn._settle(fn.key(*args, **kwargs))
 
 
 async def asettle(fn, *args, **kwargs) -> None:
-    leader, flight = fn._flights._group.join(fn.key(*args, **kwargs))
-    if leader:
-        flight.abandon()
-    else:
-        await flight.wait_async()
+    await fn._asettle(fn.key(*args, **kwargs))
 
 
 class Upstream:
@@ -121,11 +113,12 @@ def test_failed_load_with_a_stale_value_serves_it(cache: tenuto.Cache, clock) ->
     clock.advance(11)
     stale = cache.get(f.key(1))
     upstream.fail = ConnectionError("503")
-    loaded = f._load(f.key(1), (1,), {}, stale)
+    loaded = f._resolve(f.key(1), (1,), {}, True)  # a forced load that fails
     assert (loaded.value, loaded.stale_fallback) == (good, True)
     assert loaded.envelope == stale.envelope
+    f.invalidate(1)
     with pytest.raises(ConnectionError):
-        f._load(f.key(1), (1,), {}, None)
+        f._resolve(f.key(1), (1,), {}, True)
 
 
 def test_miss_failure_raises_to_every_caller_and_caches_nothing(cache: tenuto.Cache) -> None:
@@ -149,7 +142,7 @@ def test_miss_failure_raises_to_every_caller_and_caches_nothing(cache: tenuto.Ca
     for t in threads:
         t.start()
     key = f.key(1)
-    while f._flights.followers(key) < 7:
+    while f._followers(key) < 7:
         threading.Event().wait(0.001)
     upstream.gate.set()
     for t in threads:
@@ -172,14 +165,14 @@ def test_32_threads_one_upstream_call(cache: tenuto.Cache) -> None:
     threads = [threading.Thread(target=lambda: results.append(f(7))) for _ in range(32)]
     for t in threads:
         t.start()
-    while f._flights.followers(f.key(7)) < 31:
+    while f._followers(f.key(7)) < 31:
         threading.Event().wait(0.001)
     upstream.gate.set()
     for t in threads:
         t.join(10)
     assert upstream.calls == 1
     assert len(results) == 32 and all(r == results[0] for r in results)
-    assert len(f._flights) == 0
+    assert f._followers(f.key(7)) == 0
 
 
 async def test_100_tasks_one_upstream_call(cache: tenuto.Cache) -> None:
@@ -194,7 +187,7 @@ async def test_100_tasks_one_upstream_call(cache: tenuto.Cache) -> None:
         return [seed, calls]
 
     tasks = [asyncio.ensure_future(recommend("song")) for _ in range(100)]
-    while recommend._flights.followers(recommend.key("song")) < 99:
+    while recommend._followers(recommend.key("song")) < 99:
         await asyncio.sleep(0.001)  # let every task reach the flight (Redis lookups first)
     release.set()
     results = await asyncio.gather(*tasks)
@@ -456,7 +449,7 @@ def test_open_breaker_serves_stale(cache: tenuto.Cache, clock) -> None:
     assert breaker.state == "open"
     clock.advance(11)
     calls = upstream.calls
-    stale = f._load(f.key(1), (1,), {}, cache.get(f.key(1)))
+    stale = f._resolve(f.key(1), (1,), {}, True)
     assert (stale.value, stale.stale_fallback) == (good, True)
     assert upstream.calls == calls, "the open breaker kept the upstream from being called"
     with pytest.raises(tenuto.CircuitOpen):

@@ -1,28 +1,30 @@
-"""`@cache.cached`: the slow path of a cached call, and the decorator's helpers.
+"""`@cache.cached`: the decorator, and the little of a cached call that must be Python.
 
-The native base class (`_core.CachedCall`) derives the key and answers fresh memory hits
-in Rust; everything else comes here: Redis lookups, stale-while-revalidate, single-flight
-loads (threads, tasks and, on Redis, processes), stale-if-error and negative caching.
-The time spent here is dominated by the upstream call.
+The native base class (`_core.CachedCall`) and the engine behind it make every decision:
+the key, hits, stale-while-revalidate, single-flight (threads, tasks and processes),
+stale-if-error, negative backoff, and the store. Python runs the user's function: inline
+for sync functions (the native call calls it), as a coroutine for `async def` (between
+one native awaitable that begins the call and one that stores its outcome), and
+background refreshes on a thread pool or as tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+import types
+import typing
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from tenuto._core import Cache, CachedCall, Envelope, Lookup, _record_state
-from tenuto._singleflight import SingleFlight
+from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state
 
 log = logging.getLogger("tenuto.cached")
 
@@ -62,14 +64,6 @@ class Backoff:
         return min(self.base * self.factor ** max(n - 1, 0), self.max)
 
 
-class _Loaded(NamedTuple):
-    """What one load gives every caller sharing it."""
-
-    value: Any
-    envelope: Envelope | None
-    stale_fallback: bool
-
-
 # Background refreshes of sync functions run on a small shared pool, rebuilt after fork
 # (a forked child has none of the parent's threads).
 _pool: ThreadPoolExecutor | None = None
@@ -92,144 +86,25 @@ def _forget_pool_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
+
+def submit_refresh(ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Runs a sync function's background refresh on the pool (called by the native call)."""
+    try:
+        _refresh_pool().submit(ticket.run_refresh, args, kwargs)
+    except RuntimeError:  # the pool is shut down (interpreter exit)
+        ticket.abandon()
+
+
 # Async refreshes are tasks; keep them referenced until done so they are not collected.
 _tasks: set[asyncio.Task[Any]] = set()
 
 
-@contextlib.contextmanager
-def _landing(flight: Any, key: str) -> Iterator[list[_Loaded]]:
-    """Lands a background refresh's flight with what the block appends, or with its
-    error (logged, not raised: nobody awaits a background refresh); an interrupted
-    refresh abandons the flight so a waiter takes over."""
-    outcome: list[_Loaded] = []
-    try:
-        yield outcome
-    except Exception as exc:
-        log.warning("background refresh of %s failed: %r", key, exc)
-        flight.land_error(exc)
-    except BaseException:
-        flight.abandon()
-        raise
-    else:
-        flight.land_value(outcome[0])
-
-
-class _CachedBase(CachedCall):
-    """Shared state of sync and async cached functions (set once, by `decorator`)."""
-
-    _fn: Callable[..., Any]
-    _cache: Cache
-    _ttl: float
-    _stale_ttl: float | None
-    _negative: Backoff | None
-    _distributed: bool
-    _lock_ttl: float
-    _wait_timeout: float
-    _breaker: Any
-    _flights: SingleFlight
+class CachedFunction(CachedCall):
+    """A sync function behind the cache. Concurrent threads share one call per key; the
+    whole call (lookup, single-flight, store) is native around the function."""
 
     def __repr__(self) -> str:
-        return f"<cached {self.key_name} on {self._cache!r}>"
-
-    def _negative_key(self, key: str) -> str:
-        return key + "#negative"
-
-    def _plan_store(self, key: str, value: Any, streak: int) -> tuple[float, float | None, int]:
-        """TTLs for storing `value`, and the new negative streak (0 for a positive)."""
-        if self._negative is not None and self._negative.when(value):
-            return self._negative.seconds(streak + 1), None, streak + 1
-        return self._ttl, self._stale_ttl, 0
-
-    def _fallback(self, key: str, prior: Lookup | None, exc: Exception) -> _Loaded:
-        """Stale-if-error: the stale value, if there is one; else the error goes on."""
-        if prior is None or prior.state != "stale":
-            raise exc
-        log.warning("fetch for %s failed (%r); serving the stale value", key, exc)
-        return _Loaded(prior.value, prior.envelope, True)
-
-
-class CachedFunction(_CachedBase):
-    """A sync function behind the cache. Concurrent threads share one call per key."""
-
-    def _slow(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._resolve(key, args, kwargs).value
-
-    def _resolve(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lookup:
-        found = self._cache.get(key)
-        _record_state(found.state)
-        if found.state == "hit":
-            return found
-        if found.state == "stale":
-            self._refresh_in_background(key, args, kwargs, found)
-            return found
-        loaded = self._flights.do(key, lambda: self._load(key, args, kwargs, found, recheck=True))
-        return Lookup("miss", loaded.envelope, loaded.stale_fallback)
-
-    def _load(
-        self,
-        key: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        prior: Lookup | None,
-        recheck: bool = False,
-    ) -> _Loaded:
-        if recheck:  # a flight that landed just before this one may have stored it
-            again = self._cache._peek(key)
-            if again.state == "hit":
-                return _Loaded(again.value, again.envelope, False)
-        token = ""
-        if self._distributed:
-            since = self._cache.now()
-            token = self._cache._lock(key, self._lock_ttl)
-            if token is None:  # another process is fetching: wait for its write
-                written = self._cache._wait_for_write(key, since, self._wait_timeout)
-                if written is not None and written.state != "miss":
-                    return _Loaded(written.value, written.envelope, False)
-        try:
-            try:
-                if self._breaker is None:
-                    value = self._fn(*args, **kwargs)
-                else:  # an open breaker raises CircuitOpen: stale data is served instead
-                    value = self._breaker.call(self._fn, *args, **kwargs)
-            except Exception as exc:
-                return self._fallback(key, prior, exc)
-            return _Loaded(value, self._store(key, value), False)
-        finally:
-            if token:
-                self._cache._unlock(key, token)
-
-    def _store(self, key: str, value: Any) -> Envelope:
-        streak = 0
-        if self._negative is not None:
-            streak = self._cache.get(self._negative_key(key)).value or 0
-        ttl, stale_ttl, streak = self._plan_store(key, value, streak)
-        envelope = self._cache.set(key, value, ttl=ttl, stale_ttl=stale_ttl)
-        if self._negative is not None:
-            if streak:
-                self._cache.set(self._negative_key(key), streak, ttl=self._negative.max * 4)
-            else:
-                self._cache.delete(self._negative_key(key))
-        return envelope
-
-    def _refresh_in_background(
-        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
-    ) -> None:
-        leader, flight = self._flights._group.join(key)
-        if not leader:
-            return  # a refresh (or a load) of this key is already running
-        flight.hand_off()
-        try:
-            _refresh_pool().submit(self._run_refresh, flight, key, args, kwargs, found)
-        except RuntimeError:  # the pool is shut down (interpreter exit)
-            flight.abandon()
-
-    def _run_refresh(
-        self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
-    ) -> None:
-        with _landing(flight, key) as outcome:
-            outcome.append(self._load(key, args, kwargs, found))
-
-    # Public helpers, named after the call they describe.
+        return f"<cached {self.key_name}>"
 
     def lookup(self, *args: Any, **kwargs: Any) -> Lookup:
         """Calls through the cache and says how: a Lookup with the state the call found
@@ -238,102 +113,64 @@ class CachedFunction(_CachedBase):
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Fetches now (single-flighted) and stores the result; returns it."""
-        key = self.key(*args, **kwargs)
-        return self._flights.do(key, lambda: self._load(key, args, kwargs, None)).value
+        return self._resolve(self.key(*args, **kwargs), args, kwargs, True).value
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Forgets the cached result of this call; True if there was one."""
-        key = self.key(*args, **kwargs)
-        if self._negative is not None:
-            self._cache.delete(self._negative_key(key))
-        return self._cache.delete(key)
+        return self._cache.delete(self.key(*args, **kwargs))
+
+    def followers(self, *args: Any, **kwargs: Any) -> int:
+        """Callers in this process waiting for the load of this call now."""
+        return self._followers(self.key(*args, **kwargs))
 
 
-class AsyncCachedFunction(_CachedBase):
-    """An `async def` behind the cache. Concurrent tasks share one call per key."""
+class AsyncCachedFunction(CachedCall):
+    """An `async def` behind the cache. Concurrent tasks share one call per key: one
+    native awaitable before the function, one after."""
 
-    def _slow(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self._aslow(key, args, kwargs)
+    def __repr__(self) -> str:
+        return f"<cached {self.key_name}>"
 
     async def _aslow(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return (await self._aresolve(key, args, kwargs)).value
 
-    async def _aresolve(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lookup:
-        found = await self._cache.aget(key)
-        _record_state(found.state)
-        if found.state == "hit":
-            return found
-        if found.state == "stale":
-            self._refresh_in_background(key, args, kwargs, found)
-            return found
-        loaded = await self._flights.ado(
-            key, lambda: self._aload(key, args, kwargs, found, recheck=True)
-        )
-        return Lookup("miss", loaded.envelope, loaded.stale_fallback)
-
-    async def _aload(
-        self,
-        key: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        prior: Lookup | None,
-        recheck: bool = False,
-    ) -> _Loaded:
-        if recheck:
-            again = await self._cache._apeek(key)
-            if again.state == "hit":
-                return _Loaded(again.value, again.envelope, False)
-        token = ""
-        if self._distributed:
-            since = self._cache.now()
-            token = await self._cache._alock(key, self._lock_ttl)
-            if token is None:
-                written = await self._cache._await_for_write(key, since, self._wait_timeout)
-                if written is not None and written.state != "miss":
-                    return _Loaded(written.value, written.envelope, False)
-        try:
-            try:
-                if self._breaker is None:
-                    value = await self._fn(*args, **kwargs)
-                else:
-                    value = await self._breaker.acall(self._fn, *args, **kwargs)
-            except Exception as exc:
-                return self._fallback(key, prior, exc)
-            return _Loaded(value, await self._astore(key, value), False)
-        finally:
-            if token:
-                await self._cache._aunlock(key, token)
-
-    async def _astore(self, key: str, value: Any) -> Envelope:
-        streak = 0
-        if self._negative is not None:
-            streak = (await self._cache.aget(self._negative_key(key))).value or 0
-        ttl, stale_ttl, streak = self._plan_store(key, value, streak)
-        envelope = await self._cache.aset(key, value, ttl=ttl, stale_ttl=stale_ttl)
-        if self._negative is not None:
-            if streak:
-                await self._cache.aset(self._negative_key(key), streak, ttl=self._negative.max * 4)
+    async def _aresolve(
+        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool = False
+    ) -> Lookup:
+        lookup, ticket = await self._abegin(key, force)
+        if ticket is not None:
+            if lookup is not None:  # stale: served now, refreshed in the background
+                task = asyncio.get_running_loop().create_task(
+                    self._refresh_task(ticket, args, kwargs)
+                )
+                _tasks.add(task)
+                task.add_done_callback(_tasks.discard)
             else:
-                await self._cache.adelete(self._negative_key(key))
-        return envelope
+                lookup = await self._load(ticket, args, kwargs)
+        _record_state(lookup.state)
+        return lookup
 
-    def _refresh_in_background(
-        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
-    ) -> None:
-        leader, flight = self._flights._group.join(key)
-        if not leader:
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._run_refresh(flight, key, args, kwargs, found)
-        )
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
+    async def _load(self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lookup:
+        ticket.claim()
+        try:
+            if self._breaker is None:
+                value = await self._fn(*args, **kwargs)
+            else:  # an open breaker raises CircuitOpen: stale data is served instead
+                value = await self._breaker.acall(self._fn, *args, **kwargs)
+        except Exception as exc:
+            return ticket.fail(exc)
+        except BaseException:
+            ticket.abandon()  # cancelled: a waiter takes over, the lock is released
+            raise
+        return await ticket.store(value)
 
-    async def _run_refresh(
-        self, flight: Any, key: str, args: tuple[Any, ...], kwargs: dict[str, Any], found: Lookup
+    async def _refresh_task(
+        self, ticket: Ticket, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        with _landing(flight, key) as outcome:
-            outcome.append(await self._aload(key, args, kwargs, found))
+        try:
+            await self._load(ticket, args, kwargs)
+        except Exception as exc:
+            log.warning("background refresh of %s failed: %r", self.key_name, exc)
 
     async def lookup(self, *args: Any, **kwargs: Any) -> Lookup:
         """Calls through the cache and says how (see the sync `lookup`)."""
@@ -341,15 +178,15 @@ class AsyncCachedFunction(_CachedBase):
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Fetches now (single-flighted) and stores the result; returns it."""
-        key = self.key(*args, **kwargs)
-        return (await self._flights.ado(key, lambda: self._aload(key, args, kwargs, None))).value
+        return (await self._aresolve(self.key(*args, **kwargs), args, kwargs, True)).value
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Forgets the cached result of this call; True if there was one."""
-        key = self.key(*args, **kwargs)
-        if self._negative is not None:
-            await self._cache.adelete(self._negative_key(key))
-        return await self._cache.adelete(key)
+        return await self._cache.adelete(self.key(*args, **kwargs))
+
+    def followers(self, *args: Any, **kwargs: Any) -> int:
+        """Tasks or threads in this process waiting for the load of this call now."""
+        return self._followers(self.key(*args, **kwargs))
 
     alookup = lookup
     arefresh = refresh
@@ -370,6 +207,49 @@ def _check_seconds(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
+# Return annotations that JSON already round-trips: no TypeAdapter needed for them.
+_PLAIN = (dict, list, str, int, float, bool, type(None), Any, object)
+
+
+def _plain_json(tp: Any) -> bool:
+    if tp in _PLAIN:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (dict, list, typing.Union, types.UnionType if hasattr(types, "UnionType") else ()):
+        args = typing.get_args(tp)
+        if origin is dict and args and args[0] is not str:
+            return False
+        return all(_plain_json(a) for a in args)
+    return False
+
+
+def _adapter(fn: Callable[..., Any], explicit: Any) -> Any:
+    """A pydantic `TypeAdapter` for the cached values: `type=`, else the return annotation
+    when pydantic is installed and the type is more than plain JSON (a model, a
+    dataclass, datetime, UUID, Decimal, tuple, set...). None: JSON rules."""
+    tp = explicit
+    if tp is None:
+        try:
+            tp = typing.get_type_hints(fn).get("return")
+        except Exception:  # unresolvable forward references: JSON rules
+            return None
+        if tp is None or _plain_json(tp):
+            return None
+    try:
+        from pydantic import TypeAdapter
+    except ImportError:
+        if explicit is not None:
+            raise ImportError("type= needs pydantic (pip install pydantic)") from None
+        return None
+    try:
+        return TypeAdapter(tp)
+    except Exception:
+        if explicit is not None:
+            raise
+        log.debug("no TypeAdapter for %r; %s keeps JSON rules", tp, fn)
+        return None
+
+
 def decorator(
     cache: Cache,
     *,
@@ -379,11 +259,15 @@ def decorator(
     key: Callable[..., Any] | None,
     negative: Backoff | None,
     distributed: bool | None,
-    lock_ttl: float,
-    wait_timeout: float,
+    lock_ttl: float | None = None,
+    wait_timeout: float | None = None,
     breaker: Any = None,
+    type: Any = None,
+    isolated: bool = False,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Builds the decorator returned by `Cache.cached` (arguments checked up front)."""
+    lock_ttl = 30.0 if lock_ttl is None else lock_ttl
+    wait_timeout = 8.0 if wait_timeout is None else wait_timeout
     _check_seconds("ttl", ttl)
     _check_seconds("stale_ttl", stale_ttl, optional=True)
     if stale_ttl is not None and stale_ttl < ttl:
@@ -420,17 +304,26 @@ def decorator(
         if key is None and any(p.kind in _KIND_VARIADIC for p in signature.parameters.values()):
             bind = functools.partial(_bind_arguments, signature)
         cls = AsyncCachedFunction if is_async else CachedFunction
-        wrapper = cls(cache, key_name, params, key=key, bind=bind, is_async=is_async)
+        wrapper = cls(
+            cache,
+            key_name,
+            params,
+            fn,
+            ttl,
+            stale_ttl=stale_ttl,
+            key=key,
+            bind=bind,
+            is_async=is_async,
+            negative=negative,
+            lock_ttl=lock_ttl if use_lock else None,
+            wait_timeout=wait_timeout,
+            breaker=breaker,
+            adapter=_adapter(fn, type),
+            isolated=isolated,
+        )
         wrapper._fn = fn
         wrapper._cache = cache
-        wrapper._ttl = ttl
-        wrapper._stale_ttl = stale_ttl
-        wrapper._negative = negative
-        wrapper._distributed = use_lock
-        wrapper._lock_ttl = lock_ttl
-        wrapper._wait_timeout = wait_timeout
         wrapper._breaker = breaker
-        wrapper._flights = SingleFlight()
         functools.update_wrapper(wrapper, fn)
         return wrapper
 

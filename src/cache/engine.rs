@@ -65,8 +65,10 @@ pub trait Remote: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn delete(&self, keys: Vec<String>) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Deletes every key under `prefix` (never KEYS or FLUSHDB).
-    fn delete_prefixed(&self, prefix: String)
-        -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn delete_prefixed(
+        &self,
+        prefix: String,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// One round trip: the value, and the lock taken unless the value is fresh at `now`.
     fn read_or_lock(
         &self,
@@ -476,12 +478,21 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     }
 
     /// Looks `key` up. `count` false: a second look that `stats()` does not count.
-    pub async fn get(&self, key: &str, decoder: &dyn Decode<V>, count: bool) -> CoreResult<Found<V>> {
+    pub async fn get(
+        &self,
+        key: &str,
+        decoder: &dyn Decode<V>,
+        count: bool,
+    ) -> CoreResult<Found<V>> {
         let entry = self.read(key, decoder).await?;
         Ok(self.found(entry, count))
     }
 
-    pub async fn get_many(&self, keys: &[String], decoder: &dyn Decode<V>) -> CoreResult<Vec<Found<V>>> {
+    pub async fn get_many(
+        &self,
+        keys: &[String],
+        decoder: &dyn Decode<V>,
+    ) -> CoreResult<Vec<Found<V>>> {
         let entries: Vec<Option<Arc<Entry<V>>>> = match self.route()? {
             Route::Memory => keys.iter().map(|k| self.memory.get(k)).collect(),
             Route::Remote(remote) => {
@@ -615,6 +626,8 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
+        // Runs moka's pending maintenance first, so evictions are counted.
+        let size = self.memory.len();
         Stats {
             hits: Counters::read(&c.hits),
             stale_hits: Counters::read(&c.stale_hits),
@@ -627,7 +640,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             loads: self.loads_started.load(Ordering::Relaxed),
             outages: self.remote.as_ref().map_or(0, |r| r.outages()),
             evictions: self.memory.evictions(),
-            size: self.memory.len(),
+            size,
             degraded: self.remote.as_ref().is_some_and(|r| r.is_down()),
         }
     }
@@ -637,24 +650,40 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         self.counters.count_state(State::Hit);
     }
 
+    /// Returns once no load or refresh of `key` runs in this process (tests and tools
+    /// wait for a background refresh with it).
+    pub async fn settled(&self, key: &str) {
+        loop {
+            if let Some(load) = self.loads.current(key) {
+                load.landed().await;
+            } else if let Some(refresh) = self.refreshes.current(key) {
+                refresh.landed().await;
+            } else {
+                return;
+            }
+        }
+    }
+
     /// Followers of the load of `key` in this process right now.
     pub fn followers(&self, key: &str) -> usize {
         self.loads.followers(key)
     }
 
     /// The start of a cached call: serve, refresh, or load (see `Begin`). `force` loads
-    /// even when a fresh value is there (`refresh()`).
+    /// even when a fresh value is there (`refresh()`). `blocking`: the caller's thread
+    /// waits (a sync call), so waiting for a load this thread leads is refused.
     pub async fn begin(
         self: &Arc<Self>,
         key: &str,
         policy: &CallPolicy,
         decoder: &dyn Decode<V>,
         force: bool,
+        blocking: bool,
     ) -> CoreResult<Begin<V, R>> {
         loop {
             let guard = match self.loads.join(key) {
                 Joined::Leader(guard) => guard,
-                Joined::Follower(flight) => match self.follow(&flight).await? {
+                Joined::Follower(flight) => match self.follow(&flight, blocking).await? {
                     Some(begin) => return Ok(begin),
                     None => continue, // the leader gave up: start over
                 },
@@ -670,8 +699,12 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     }
 
     /// Waits for another caller's load of the same key. None: it was abandoned.
-    async fn follow(&self, flight: &Arc<Flight<Landing<V>>>) -> CoreResult<Option<Begin<V, R>>> {
-        if flight.would_wait_for_itself() {
+    async fn follow(
+        &self,
+        flight: &Arc<Flight<Landing<V>>>,
+        blocking: bool,
+    ) -> CoreResult<Option<Begin<V, R>>> {
+        if blocking && flight.would_wait_for_itself() {
             return Err(CoreError::WouldDeadlock(
                 "this thread leads the load it would wait for (a recursive call, or a sync \
                  call inside the event loop running the async leader); it would wait forever"
@@ -981,7 +1014,9 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
         let result = match (engine.route(), lock) {
             (Ok(Route::Remote(remote)), lock) => {
                 let keys = engine.flight_keys(&self.key);
-                let token = lock.map(|mut l| std::mem::take(&mut l.token)).unwrap_or_default();
+                let token = lock
+                    .map(|mut l| std::mem::take(&mut l.token))
+                    .unwrap_or_default();
                 let wire = Some((write.wire.clone(), write.keep_for));
                 match remote.finish(&keys, wire, &token).await {
                     Ok(()) => {
@@ -989,19 +1024,25 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
                         Ok(())
                     }
                     Err(err) => {
-                        engine.memory.insert(self.key.clone(), Arc::clone(&write.entry));
+                        engine
+                            .memory
+                            .insert(self.key.clone(), Arc::clone(&write.entry));
                         engine.absorb(err)
                     }
                 }
             }
             (Ok(Route::Memory), lock) => {
                 drop(lock);
-                engine.memory.insert(self.key.clone(), Arc::clone(&write.entry));
+                engine
+                    .memory
+                    .insert(self.key.clone(), Arc::clone(&write.entry));
                 Ok(())
             }
             (Err(err), lock) => {
                 drop(lock);
-                engine.memory.insert(self.key.clone(), Arc::clone(&write.entry));
+                engine
+                    .memory
+                    .insert(self.key.clone(), Arc::clone(&write.entry));
                 Err(err)
             }
         };

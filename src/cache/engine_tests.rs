@@ -121,12 +121,22 @@ impl Remote for MockRemote {
             return Ok((value, LockReply::Taken));
         }
         if !matches!(servable, Some((_, true))) {
-            *self.waiters.lock().unwrap().entry(keys.lock.clone()).or_default() += 1;
+            *self
+                .waiters
+                .lock()
+                .unwrap()
+                .entry(keys.lock.clone())
+                .or_default() += 1;
         }
         Ok((value, LockReply::HeldElsewhere))
     }
 
-    async fn try_lock(&self, keys: &FlightKeys, token: &str, _: Duration) -> Result<bool, StoreError> {
+    async fn try_lock(
+        &self,
+        keys: &FlightKeys,
+        token: &str,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
         self.command()?;
         let mut locks = self.locks.lock().unwrap();
         if locks.contains_key(&keys.lock) {
@@ -157,7 +167,9 @@ impl Remote for MockRemote {
 
     async fn wait_done(&self, _keys: &FlightKeys, timeout: Duration) -> Result<bool, StoreError> {
         self.command()?;
-        Ok(tokio::time::timeout(timeout, self.woken.notified()).await.is_ok())
+        Ok(tokio::time::timeout(timeout, self.woken.notified())
+            .await
+            .is_ok())
     }
 }
 
@@ -201,16 +213,25 @@ fn policy(lock: bool) -> CallPolicy {
         ttl: Duration::from_secs(30),
         wait: Duration::from_secs(5),
     });
-    CallPolicy::new(300.0, Some(3600.0), Some(Backoff::new(60.0, 2.0, 200.0).unwrap()), lock)
-        .unwrap()
+    CallPolicy::new(
+        300.0,
+        Some(3600.0),
+        Some(Backoff::new(60.0, 2.0, 200.0).unwrap()),
+        lock,
+    )
+    .unwrap()
 }
 
 fn begin(e: &TestEngine, p: &CallPolicy) -> Begin<String, MockRemote> {
-    block_on(e.begin("k", p, &Text, false)).unwrap()
+    block_on(e.begin("k", p, &Text, false, true)).unwrap()
 }
 
 /// Runs one cached call to its end: the value served, and whether the function ran.
-fn call(e: &TestEngine, p: &CallPolicy, fetch: Result<&str, &str>) -> (Result<String, String>, bool) {
+fn call(
+    e: &TestEngine,
+    p: &CallPolicy,
+    fetch: Result<&str, &str>,
+) -> (Result<String, String>, bool) {
     match begin(e, p) {
         Begin::Serve(s) => (Ok(s.entry.value.clone()), false),
         Begin::Refresh(s, ticket) => {
@@ -251,8 +272,16 @@ fn state(e: &TestEngine) -> State {
 fn hit_stale_miss_on_memory() {
     let (e, clock) = engine(None, true);
     let p = policy(false);
-    assert_eq!(call(&e, &p, Ok("v1")), (Ok("v1".into()), true), "cold miss loads");
-    assert_eq!(call(&e, &p, Ok("v2")), (Ok("v1".into()), false), "fresh hit");
+    assert_eq!(
+        call(&e, &p, Ok("v1")),
+        (Ok("v1".into()), true),
+        "cold miss loads"
+    );
+    assert_eq!(
+        call(&e, &p, Ok("v2")),
+        (Ok("v1".into()), false),
+        "fresh hit"
+    );
     advance(&clock, 301);
     assert_eq!(state(&e), State::Stale);
     let Begin::Refresh(served, ticket) = begin(&e, &p) else {
@@ -277,14 +306,29 @@ fn stale_if_error_and_errors_not_cached() {
     let (e, clock) = engine(None, true);
     let p = policy(false);
     assert_eq!(call(&e, &p, Err("down")), (Err("down".into()), true));
-    assert_eq!(call(&e, &p, Ok("v1")), (Ok("v1".into()), true), "a failure is not cached");
+    assert_eq!(
+        call(&e, &p, Ok("v1")),
+        (Ok("v1".into()), true),
+        "a failure is not cached"
+    );
     advance(&clock, 301);
-    let Begin::Refresh(_, ticket) = begin(&e, &p) else { panic!() };
+    let Begin::Refresh(_, ticket) = begin(&e, &p) else {
+        panic!()
+    };
     assert_eq!(finish(ticket, &p, Err("down"), false), Ok("v1".into()));
-    assert_eq!(state(&e), State::Stale, "a failed refresh overwrites nothing");
-    let Begin::Refresh(_, ticket) = begin(&e, &p) else { panic!() };
+    assert_eq!(
+        state(&e),
+        State::Stale,
+        "a failed refresh overwrites nothing"
+    );
+    let Begin::Refresh(_, ticket) = begin(&e, &p) else {
+        panic!()
+    };
     drop(ticket);
-    assert!(matches!(begin(&e, &p), Begin::Refresh(..)), "a dropped refresh frees the duty");
+    assert!(
+        matches!(begin(&e, &p), Begin::Refresh(..)),
+        "a dropped refresh frees the duty"
+    );
 }
 
 #[test]
@@ -294,18 +338,27 @@ fn negative_answers_back_off_and_a_positive_resets() {
         let p = policy(true);
         let mut kept = Vec::new();
         for _ in 0..4 {
-            let Begin::Load(ticket) = begin(&e, &p) else { panic!("expired negative entry loads") };
+            let Begin::Load(ticket) = begin(&e, &p) else {
+                panic!("expired negative entry loads")
+            };
             let write = ticket.plan(prepared("none"), true, &p).unwrap();
             let entry = block_on(ticket.store(write)).unwrap().entry;
             kept.push(entry.times.fresh_until - entry.times.fetched_at);
-            assert_eq!(entry.times.stale_until, entry.times.fresh_until, "never served stale");
+            assert_eq!(
+                entry.times.stale_until, entry.times.fresh_until,
+                "never served stale"
+            );
             advance(&clock, kept[kept.len() - 1] + 1);
         }
         assert_eq!(kept, [60, 120, 200, 200]);
-        let Begin::Load(ticket) = begin(&e, &p) else { panic!() };
+        let Begin::Load(ticket) = begin(&e, &p) else {
+            panic!()
+        };
         finish(ticket, &p, Ok("found"), false).unwrap();
         advance(&clock, 3601 + 1);
-        let Begin::Load(ticket) = begin(&e, &p) else { panic!() };
+        let Begin::Load(ticket) = begin(&e, &p) else {
+            panic!()
+        };
         let write = ticket.plan(prepared("none"), true, &p).unwrap();
         let entry = block_on(ticket.store(write)).unwrap().entry;
         assert_eq!(entry.negative, 1, "a positive answer reset the streak");
@@ -318,7 +371,9 @@ fn callers_of_one_key_share_one_load_or_its_error() {
     let p = Arc::new(policy(false));
     for outcome in [Ok("v"), Err("boom")] {
         e.memory.clear();
-        let Begin::Load(ticket) = begin(&e, &p) else { panic!() };
+        let Begin::Load(ticket) = begin(&e, &p) else {
+            panic!()
+        };
         let followers: Vec<_> = (0..8)
             .map(|_| {
                 let (e, p) = (e.clone(), p.clone());
@@ -345,7 +400,9 @@ fn callers_of_one_key_share_one_load_or_its_error() {
 fn an_abandoned_load_hands_over_to_a_waiter() {
     let (e, _clock) = engine(None, true);
     let p = Arc::new(policy(false));
-    let Begin::Load(ticket) = begin(&e, &p) else { panic!() };
+    let Begin::Load(ticket) = begin(&e, &p) else {
+        panic!()
+    };
     let (e2, p2) = (e.clone(), p.clone());
     let waiter = std::thread::spawn(move || match begin(&e2, &p2) {
         Begin::Load(t) => finish(t, &p2, Ok("from the waiter"), false),
@@ -362,8 +419,12 @@ fn an_abandoned_load_hands_over_to_a_waiter() {
 fn a_thread_never_waits_for_its_own_load() {
     let (e, _clock) = engine(None, true);
     let p = policy(false);
-    let Begin::Load(_ticket) = begin(&e, &p) else { panic!() };
-    let err = block_on(e.begin("k", &p, &Text, false)).err().unwrap();
+    let Begin::Load(_ticket) = begin(&e, &p) else {
+        panic!()
+    };
+    let err = block_on(e.begin("k", &p, &Text, false, true))
+        .err()
+        .unwrap();
     assert!(matches!(err, CoreError::WouldDeadlock(_)));
 }
 
@@ -377,7 +438,10 @@ fn remote_hit_is_one_command_and_cold_miss_two() {
     assert!(remote.locks.lock().unwrap().is_empty());
     assert_eq!(call(&e, &p, Ok("w")), (Ok("v".into()), false));
     assert_eq!(remote.commands(), 3, "a hit is one command");
-    assert!(e.memory.is_empty(), "values live in the remote, not in memory");
+    assert!(
+        e.memory.is_empty(),
+        "values live in the remote, not in memory"
+    );
 }
 
 #[test]
@@ -387,10 +451,16 @@ fn outage_fails_open_to_memory_or_raises() {
     let p = policy(true);
     remote.down.store(true, Ordering::SeqCst);
     assert_eq!(call(&e, &p, Ok("v")), (Ok("v".into()), true));
-    assert_eq!(call(&e, &p, Ok("w")), (Ok("v".into()), false), "served from memory");
+    assert_eq!(
+        call(&e, &p, Ok("w")),
+        (Ok("v".into()), false),
+        "served from memory"
+    );
     assert_eq!(remote.commands(), 0, "a store marked down is not asked");
     let (strict, _clock) = engine(Some(remote.clone()), false);
-    let err = block_on(strict.begin("k", &p, &Text, false)).err().unwrap();
+    let err = block_on(strict.begin("k", &p, &Text, false, true))
+        .err()
+        .unwrap();
     assert!(matches!(err, CoreError::BackendUnavailable(_)));
 }
 
@@ -404,11 +474,20 @@ fn a_refused_write_is_kept_in_memory_and_a_later_write_drops_the_copy() {
     let found = block_on(e.get("k", &Text, true)).unwrap();
     assert_eq!(found.entry.unwrap().value, "v1", "read back from memory");
     remote.refuse_writes.store(false, Ordering::SeqCst);
-    let write = e.plan_write("k".into(), prepared("v2"), 300.0, None).unwrap();
+    let write = e
+        .plan_write("k".into(), prepared("v2"), 300.0, None)
+        .unwrap();
     block_on(e.commit(vec![write])).unwrap();
-    assert!(e.memory.is_empty(), "the outage copy is gone once the remote has the value");
+    assert!(
+        e.memory.is_empty(),
+        "the outage copy is gone once the remote has the value"
+    );
     remote.down.store(true, Ordering::SeqCst);
-    assert_eq!(state(&e), State::Miss, "a later outage does not resurrect v1");
+    assert_eq!(
+        state(&e),
+        State::Miss,
+        "a later outage does not resurrect v1"
+    );
 }
 
 #[test]
@@ -417,7 +496,9 @@ fn processes_share_one_load_through_the_lock() {
     let (a, _) = engine(Some(remote.clone()), true);
     let (b, _) = engine(Some(remote.clone()), true);
     let p = Arc::new(policy(true));
-    let Begin::Load(ticket) = begin(&a, &p) else { panic!() };
+    let Begin::Load(ticket) = begin(&a, &p) else {
+        panic!()
+    };
     let (b2, p2) = (b.clone(), p.clone());
     let follower = std::thread::spawn(move || match begin(&b2, &p2) {
         Begin::Serve(s) => s.entry.value.clone(),
@@ -435,7 +516,9 @@ fn a_dropped_ticket_releases_the_lock_at_once() {
     let remote = Arc::new(MockRemote::default());
     let (e, _clock) = engine(Some(remote.clone()), true);
     let p = policy(true);
-    let Begin::Load(ticket) = begin(&e, &p) else { panic!() };
+    let Begin::Load(ticket) = begin(&e, &p) else {
+        panic!()
+    };
     assert_eq!(remote.locks.lock().unwrap().len(), 1);
     drop(ticket);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -449,7 +532,11 @@ fn a_dropped_ticket_releases_the_lock_at_once() {
 fn unreadable_remote_values_are_counted_misses() {
     let remote = Arc::new(MockRemote::default());
     let (e, clock) = engine(Some(remote.clone()), true);
-    remote.values.lock().unwrap().insert("ns:k".into(), b"not json".to_vec());
+    remote
+        .values
+        .lock()
+        .unwrap()
+        .insert("ns:k".into(), b"not json".to_vec());
     assert_eq!(state(&e), State::Miss);
     assert_eq!(e.stats().decode_errors, 1);
     let _ = clock.now_nanos();

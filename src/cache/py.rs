@@ -4,24 +4,25 @@
 //! and encode with the GIL, run the Redis I/O without it (blocking for sync calls, on the
 //! runtime for async ones), then finish with the GIL (decode, fall back, count).
 
-use std::sync::atomic::Ordering;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use base64::Engine;
+use base64::Engine as _;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyString};
 
-use super::memory::{Entry, MemoryStore};
-use super::redis::{glob_escape, RedisConfig, RedisStore, StoreError, SCHEMES};
-use super::{Counters, State, Times, TtlPolicy};
+use super::engine::{Config, Decode, Engine, Found, Prepared, Write};
+use super::memory::Entry;
+use super::redis::{RedisConfig, RedisStore, StoreError, SCHEMES};
+use super::{State, Times};
 use crate::clock::py::PyClock;
-use crate::codec::py::{from_json, to_json, PAYLOAD};
-use crate::codec::{decode_envelope, encode_envelope};
-use crate::error::py::{BackendError, BackendUnavailable};
+use crate::clock::{Clock, ClockRef, SystemClock};
+use crate::codec::py::{from_json, to_json, to_json_checked, PAYLOAD};
 use crate::graveyard::{release_pending, Deferred};
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
@@ -33,8 +34,15 @@ pub struct PyEnvelope {
 }
 
 impl PyEnvelope {
-    pub(crate) fn payload_ref(&self, py: Python<'_>) -> Py<PyAny> {
-        self.payload.clone_ref(py)
+    /// The envelope of an engine entry.
+    pub(crate) fn of(py: Python<'_>, entry: &Entry<PyObj>) -> PyResult<Py<PyEnvelope>> {
+        Py::new(
+            py,
+            PyEnvelope {
+                payload: entry.value.get().clone_ref(py),
+                times: entry.times,
+            },
+        )
     }
 }
 
@@ -139,16 +147,6 @@ pub struct PyLookup {
     pub(crate) stale_fallback: bool,
 }
 
-impl PyLookup {
-    fn miss() -> Self {
-        Self {
-            state: State::Miss,
-            envelope: None,
-            stale_fallback: false,
-        }
-    }
-}
-
 #[pymethods]
 impl PyLookup {
     /// A lookup result, e.g. for a value served by a decorator (`stale_fallback=True`
@@ -179,7 +177,7 @@ impl PyLookup {
     }
 
     #[getter]
-    fn value(&self, py: Python<'_>) -> Py<PyAny> {
+    pub(crate) fn value(&self, py: Python<'_>) -> Py<PyAny> {
         match &self.envelope {
             Some(env) => env.get().payload.clone_ref(py),
             None => py.None(),
@@ -223,30 +221,271 @@ impl PyLookup {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Serializer {
+/// A Python value held by the engine (its reference is released at a safe point).
+pub type PyObj = Deferred<PyAny>;
+
+/// The engine as the bindings use it: Python values, Redis as the remote.
+pub type PyEngine = Engine<PyObj, RedisStore>;
+
+/// How values become stored payloads and back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Serializer {
+    /// JSON rules on every backend (the default).
     Json,
+    /// Pickle, opted into (a remote-code-execution risk when Redis is shared).
     Pickle,
+    /// Memory only: values kept as they are, for objects that have no wire form.
+    Object,
 }
 
-pub(crate) type Stored = Deferred<PyEnvelope>;
+impl Serializer {
+    fn parse(name: &str) -> PyResult<Self> {
+        match name {
+            "json" => Ok(Serializer::Json),
+            "pickle" => Ok(Serializer::Pickle),
+            "object" => Ok(Serializer::Object),
+            other => Err(PyValueError::new_err(format!(
+                "serializer must be \"json\", \"pickle\" or \"object\", got {other:?}"
+            ))),
+        }
+    }
+}
 
-pub struct CacheCore {
-    namespace: String,
-    url: String,
-    policy: TtlPolicy,
-    pub(crate) clock: PyClock,
-    pub(crate) memory: MemoryStore<Stored>,
-    pub(crate) redis: Option<Arc<RedisStore>>,
+fn pickle_module(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    static PICKLE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    PICKLE
+        .get_or_try_init(py, || Ok::<_, PyErr>(py.import("pickle")?.unbind()))
+        .map(|m| m.bind(py))
+}
+
+/// Stored payloads to Python values: JSON (or opted-in pickle), then, for a typed cached
+/// function, validated by its pydantic `TypeAdapter`.
+pub struct PyDecoder {
     serializer: Serializer,
-    max_value_bytes: usize,
-    fail_open: bool,
-    pub(crate) counters: Counters,
+    adapter: Option<Py<PyAny>>,
 }
 
-/// Counts a hit served without a `Lookup` (the decorator's fast path).
-pub(crate) fn count_hit(core: &CacheCore) {
-    core.counters.count_state(State::Hit);
+impl PyDecoder {
+    pub fn new(serializer: Serializer, adapter: Option<Py<PyAny>>) -> Self {
+        Self {
+            serializer,
+            adapter,
+        }
+    }
+
+    fn decode_in(
+        &self,
+        py: Python<'_>,
+        payload: &str,
+        codec: Option<&str>,
+    ) -> Result<PyObj, String> {
+        let value = match codec {
+            None => from_json(py, payload)?,
+            Some("pickle") if self.serializer == Serializer::Pickle => {
+                let text: String = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|e| e.to_string())?;
+                pickle_module(py)
+                    .and_then(|m| m.call_method1("loads", (raw.as_slice(),)))
+                    .map_err(|e| format!("unpickling failed: {e}"))?
+            }
+            Some(other) => {
+                return Err(format!(
+                    "payload codec {other:?} is not enabled on this cache"
+                ))
+            }
+        };
+        let value = match &self.adapter {
+            Some(adapter) => adapter
+                .bind(py)
+                .call_method1(intern!(py, "validate_python"), (value,))
+                .map_err(|e| format!("stored value does not validate: {e}"))?,
+            None => value,
+        };
+        Ok(Deferred::new(value.unbind()))
+    }
+
+    /// The value kept for `value`: what a round trip through the wire format returns, so
+    /// memory and Redis answer alike. Returns it with its payload text.
+    pub fn prepare(&self, value: &Bound<'_, PyAny>) -> PyResult<Prepared<PyObj>> {
+        let py = value.py();
+        match self.serializer {
+            Serializer::Object => Ok(Prepared {
+                value: Deferred::new(value.clone().unbind()),
+                payload: String::new(),
+                codec: None,
+            }),
+            Serializer::Pickle => {
+                let raw = pickle_module(py)?.call_method1("dumps", (value, 5))?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(raw.extract::<&[u8]>()?);
+                Ok(Prepared {
+                    value: Deferred::new(value.clone().unbind()),
+                    payload: format!("\"{b64}\""),
+                    codec: Some("pickle"),
+                })
+            }
+            Serializer::Json => match &self.adapter {
+                Some(adapter) => {
+                    let adapter = adapter.bind(py);
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("mode", "json")?;
+                    let plain =
+                        adapter.call_method(intern!(py, "dump_python"), (value,), Some(&kwargs))?;
+                    let payload = to_json(&plain, PAYLOAD)?;
+                    let normal = from_json(py, &payload).map_err(PyValueError::new_err)?;
+                    let kept = adapter.call_method1(intern!(py, "validate_python"), (normal,))?;
+                    Ok(Prepared {
+                        value: Deferred::new(kept.unbind()),
+                        payload,
+                        codec: None,
+                    })
+                }
+                None => {
+                    let (payload, plain) = to_json_checked(value)?;
+                    let kept = if plain {
+                        value.clone()
+                    } else {
+                        from_json(py, &payload).map_err(PyValueError::new_err)?
+                    };
+                    Ok(Prepared {
+                        value: Deferred::new(kept.unbind()),
+                        payload,
+                        codec: None,
+                    })
+                }
+            },
+        }
+    }
+}
+
+impl Decode<PyObj> for PyDecoder {
+    fn decode(&self, payload: &str, codec: Option<&str>) -> Result<PyObj, String> {
+        Python::attach(|py| self.decode_in(py, payload, codec))
+    }
+}
+
+/// A clock given as a Python callable, read by the engine (attaching to Python per read).
+struct CallableClock(Py<PyAny>);
+
+impl Clock for CallableClock {
+    fn now_nanos(&self) -> i64 {
+        Python::attach(
+            |py| match self.0.bind(py).call0().and_then(|v| v.extract::<f64>()) {
+                Ok(seconds) if seconds.is_finite() => (seconds * 1e9) as i64,
+                _ => SystemClock.now_nanos(),
+            },
+        )
+    }
+}
+
+fn clock_ref(clock: &PyClock, py: Python<'_>) -> ClockRef {
+    match clock {
+        PyClock::Native(clock) => Arc::clone(clock),
+        PyClock::Callable(f) => Arc::new(CallableClock(f.clone_ref(py))),
+    }
+}
+
+/// Runs an engine operation from a Python thread: inline when it stays in memory (it
+/// completes on its first poll), else on the runtime with the GIL released.
+pub(crate) fn run_sync<F>(py: Python<'_>, remote: bool, future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let mut future = std::pin::pin!(future);
+    if !remote {
+        let mut context = Context::from_waker(Waker::noop());
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            release_pending(py);
+            return output;
+        }
+    }
+    let output = py.detach(|| runtime::block_on(future));
+    release_pending(py);
+    output
+}
+
+/// The awaitable of an engine operation: already complete when it stays in memory, else
+/// run on the runtime when awaited (cancellable).
+pub(crate) fn run_async<'py, F, C>(
+    py: Python<'py>,
+    remote: bool,
+    future: F,
+    finish: C,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, F::Output) -> PyResult<Py<PyAny>> + Send + 'static,
+{
+    if !remote {
+        let mut future = Box::pin(future);
+        let mut context = Context::from_waker(Waker::noop());
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            let value = finish(py, output)?;
+            release_pending(py);
+            return Ok(Bound::new(py, Ready::new(value))?.into_any());
+        }
+        return spawn_for_asyncio(py, future, finish);
+    }
+    spawn_for_asyncio(py, future, finish)
+}
+
+/// What the bindings keep per cache: the engine, and what converts values for it.
+pub struct CacheBinding {
+    pub(crate) engine: Arc<PyEngine>,
+    url: String,
+    pub(crate) serializer: Serializer,
+    pub(crate) decoder: Arc<PyDecoder>,
+    pub(crate) clock: PyClock,
+}
+
+impl CacheBinding {
+    pub(crate) fn redis_key(&self, key: &str) -> String {
+        self.engine.remote_key(key)
+    }
+
+    /// The Redis store to use now, or None for memory (the engine's routing).
+    pub(crate) fn route(&self) -> PyResult<Option<Arc<RedisStore>>> {
+        Ok(self.engine.route_remote()?)
+    }
+
+    /// Counts a failed Redis call; raises unless the cache fails open.
+    pub(crate) fn absorb(&self, err: StoreError) -> PyResult<()> {
+        Ok(self.engine.absorb(err)?)
+    }
+
+    pub(crate) fn uses_remote(&self) -> bool {
+        self.engine.uses_remote()
+    }
+
+    fn lookup(&self, py: Python<'_>, found: Found<PyObj>) -> PyResult<PyLookup> {
+        Ok(PyLookup {
+            state: found.state,
+            envelope: found.entry.map(|e| PyEnvelope::of(py, &e)).transpose()?,
+            stale_fallback: false,
+        })
+    }
+
+    fn plan(
+        &self,
+        py: Python<'_>,
+        key: String,
+        value: &Bound<'_, PyAny>,
+        ttl: &Bound<'_, PyAny>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Write<PyObj>> {
+        let ttl = seconds_arg("ttl", ttl)?;
+        let stale_ttl = match stale_ttl {
+            Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
+            _ => None,
+        };
+        let prepared = self.decoder.prepare(value)?;
+        let write = self.engine.plan_write(key, prepared, ttl, stale_ttl);
+        release_pending(py);
+        Ok(write?)
+    }
 }
 
 fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
@@ -259,7 +498,8 @@ fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
     }
 }
 
-fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+/// A TTL argument: a positive number of seconds (bool refused).
+pub(crate) fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     if value.cast::<PyBool>().is_ok() {
         return Err(PyTypeError::new_err(format!(
             "{name} must be a number of seconds, not bool"
@@ -278,304 +518,10 @@ fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     Ok(super::check_ttl(name, seconds)?)
 }
 
-fn pickle_module(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
-    static PICKLE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    PICKLE
-        .get_or_try_init(py, || Ok::<_, PyErr>(py.import("pickle")?.unbind()))
-        .map(|m| m.bind(py))
-}
-
-/// What a write sends to Redis: the key, the wire bytes, and the key's TTL.
-type WireItem = (String, Vec<u8>, u64);
-
-impl CacheCore {
-    pub(crate) fn redis_key(&self, key: &str) -> String {
-        let mut k = String::with_capacity(self.namespace.len() + 1 + key.len());
-        k.push_str(&self.namespace);
-        k.push(':');
-        k.push_str(key);
-        k
-    }
-
-    /// The Redis store to use now, or None to use memory. A store marked down is skipped
-    /// without waiting (or raises, when the cache does not fail open).
-    pub(crate) fn route(&self) -> PyResult<Option<Arc<RedisStore>>> {
-        match &self.redis {
-            None => Ok(None),
-            Some(redis) if redis.is_down() => {
-                Counters::bump(&self.counters.backend_errors);
-                if self.fail_open {
-                    Ok(None)
-                } else {
-                    Err(BackendUnavailable::new_err(format!(
-                        "Redis at {} is unavailable: {}",
-                        redis.display_url,
-                        redis.last_error()
-                    )))
-                }
-            }
-            Some(redis) => Ok(Some(Arc::clone(redis))),
-        }
-    }
-
-    /// Counts a failed Redis call; raises unless the cache fails open.
-    pub(crate) fn absorb(&self, err: StoreError) -> PyResult<()> {
-        Counters::bump(&self.counters.backend_errors);
-        if self.fail_open {
-            if let StoreError::Command(msg) = &err {
-                log::warn!(target: "tenuto::cache", "Redis command failed: {msg}; serving from memory");
-            }
-            return Ok(());
-        }
-        Err(match err {
-            StoreError::Unavailable(msg) => BackendUnavailable::new_err(msg),
-            StoreError::Command(msg) => BackendError::new_err(msg),
-        })
-    }
-
-    fn lookup_of(
-        &self,
-        py: Python<'_>,
-        envelope: Py<PyEnvelope>,
-        times: Times,
-        count: bool,
-    ) -> PyResult<PyLookup> {
-        let state = times.state(self.clock.now_secs(py)?);
-        if count {
-            self.counters.count_state(state);
-        }
-        Ok(if state == State::Miss {
-            PyLookup::miss()
-        } else {
-            PyLookup {
-                state,
-                envelope: Some(envelope),
-                stale_fallback: false,
-            }
-        })
-    }
-
-    fn memory_lookup(&self, py: Python<'_>, key: &str, count: bool) -> PyResult<PyLookup> {
-        let found = self.memory.get(key);
-        let lookup = match found {
-            Some(entry) => self.lookup_of(py, entry.value.get().clone_ref(py), entry.times, count),
-            None => {
-                if count {
-                    self.counters.count_state(State::Miss);
-                }
-                Ok(PyLookup::miss())
-            }
-        };
-        release_pending(py);
-        lookup
-    }
-
-    fn decode(&self, py: Python<'_>, bytes: &[u8]) -> Result<Py<PyEnvelope>, String> {
-        let wire = decode_envelope(bytes)?;
-        let times = wire.times();
-        let payload = match wire.codec.as_deref() {
-            None => from_json(py, wire.payload.get())?,
-            Some("pickle") if self.serializer == Serializer::Pickle => {
-                let text: String =
-                    serde_json::from_str(wire.payload.get()).map_err(|e| e.to_string())?;
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|e| e.to_string())?;
-                pickle_module(py)
-                    .and_then(|m| m.call_method1("loads", (raw.as_slice(),)))
-                    .map_err(|e| format!("unpickling failed: {e}"))?
-            }
-            Some(other) => {
-                return Err(format!(
-                    "payload codec {other:?} is not enabled on this cache"
-                ))
-            }
-        };
-        Py::new(
-            py,
-            PyEnvelope {
-                payload: payload.unbind(),
-                times,
-            },
-        )
-        .map_err(|e| e.to_string())
-    }
-
-    fn redis_lookup(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        bytes: Option<Vec<u8>>,
-        count: bool,
-    ) -> PyResult<PyLookup> {
-        let Some(bytes) = bytes else {
-            if count {
-                self.counters.count_state(State::Miss);
-            }
-            return Ok(PyLookup::miss());
-        };
-        match self.decode(py, &bytes) {
-            Ok(envelope) => {
-                let times = envelope.get().times;
-                self.lookup_of(py, envelope, times, count)
-            }
-            Err(reason) => {
-                let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                if n.is_multiple_of(100) {
-                    log::warn!(target: "tenuto::cache", "unreadable value under {:?} read as a miss: {reason}", self.redis_key(key));
-                }
-                if count {
-                    self.counters.count_state(State::Miss);
-                }
-                Ok(PyLookup::miss())
-            }
-        }
-    }
-
-    fn finish_get(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        result: Result<Option<Vec<u8>>, StoreError>,
-        count: bool,
-    ) -> PyResult<PyLookup> {
-        match result {
-            Ok(bytes) => self.redis_lookup(py, key, bytes, count),
-            Err(err) => {
-                self.absorb(err)?;
-                self.memory_lookup(py, key, count)
-            }
-        }
-    }
-
-    fn stamp(
-        &self,
-        py: Python<'_>,
-        ttl: &Bound<'_, PyAny>,
-        stale_ttl: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(i64, Times)> {
-        let ttl = seconds_arg("ttl", ttl)?;
-        let stale_ttl = match stale_ttl {
-            Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
-            _ => None,
-        };
-        let now = self.clock.now_secs(py)?;
-        Ok((now, self.policy.stamp(now, ttl, stale_ttl, fastrand::f64)?))
-    }
-
-    fn encode_payload(&self, value: &Bound<'_, PyAny>) -> PyResult<(String, Option<&'static str>)> {
-        let (text, codec) = match self.serializer {
-            Serializer::Json => (to_json(value, PAYLOAD)?, None),
-            Serializer::Pickle => {
-                let raw = pickle_module(value.py())?.call_method1("dumps", (value, 5))?;
-                let b64 = base64::engine::general_purpose::STANDARD.encode(raw.extract::<&[u8]>()?);
-                (format!("\"{b64}\""), Some("pickle"))
-            }
-        };
-        if text.len() > self.max_value_bytes {
-            return Err(PyValueError::new_err(format!(
-                "value is {} bytes encoded, over max_value_bytes={}",
-                text.len(),
-                self.max_value_bytes
-            )));
-        }
-        Ok((text, codec))
-    }
-
-    /// Validates, stamps and (for Redis) encodes one write before anything is written, so a
-    /// bad value leaves the old one intact.
-    fn prepare_set(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        value: &Bound<'_, PyAny>,
-        now: i64,
-        times: Times,
-        for_redis: bool,
-    ) -> PyResult<(Py<PyEnvelope>, Option<WireItem>)> {
-        let envelope = Py::new(
-            py,
-            PyEnvelope {
-                payload: value.clone().unbind(),
-                times,
-            },
-        )?;
-        let wire = if for_redis {
-            let (payload, codec) = self.encode_payload(value)?;
-            Some((
-                self.redis_key(key),
-                encode_envelope(&payload, times, codec),
-                times.keep_for(now),
-            ))
-        } else {
-            None
-        };
-        Ok((envelope, wire))
-    }
-
-    fn store_in_memory(&self, py: Python<'_>, key: &str, envelope: &Py<PyEnvelope>, now: i64) {
-        let times = envelope.get().times;
-        self.memory.insert(
-            key.to_owned(),
-            Entry::new(Deferred::new(envelope.clone_ref(py)), times, now),
-        );
-    }
-
-    /// After the Redis write: on failure (fail-open) keep the values in memory instead.
-    fn finish_set(
-        &self,
-        py: Python<'_>,
-        written: &[(String, Py<PyEnvelope>)],
-        now: i64,
-        result: Option<Result<(), StoreError>>,
-    ) -> PyResult<()> {
-        let in_memory = match result {
-            Some(Ok(())) => false,
-            Some(Err(err)) => {
-                self.absorb(err)?;
-                true
-            }
-            None => true,
-        };
-        if in_memory {
-            for (key, envelope) in written {
-                self.store_in_memory(py, key, envelope, now);
-            }
-        }
-        self.counters
-            .sets
-            .fetch_add(written.len() as u64, Ordering::Relaxed);
-        release_pending(py);
-        Ok(())
-    }
-
-    fn finish_delete(
-        &self,
-        py: Python<'_>,
-        keys: &[String],
-        result: Option<Result<u64, StoreError>>,
-    ) -> PyResult<u64> {
-        let mut removed = 0;
-        for key in keys {
-            removed += self.memory.remove(key) as u64;
-        }
-        release_pending(py);
-        match result {
-            Some(Ok(n)) => removed = n,
-            Some(Err(err)) => self.absorb(err)?,
-            None => {}
-        }
-        self.counters
-            .deletes
-            .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        Ok(removed)
-    }
-}
-
 /// A keyed envelope cache on memory or Redis/Valkey, with fail-open fallback to memory.
 #[pyclass(frozen, module = "tenuto._core", name = "Cache")]
 pub struct PyCache {
-    pub(crate) core: Arc<CacheCore>,
+    pub(crate) binding: Arc<CacheBinding>,
 }
 
 fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
@@ -602,6 +548,83 @@ fn timeout_arg(name: &str, seconds: f64) -> PyResult<Duration> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+fn key_list(keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if keys.cast::<PyString>().is_ok() {
+        return Err(PyTypeError::new_err(
+            "keys must be an iterable of str, not a single str",
+        ));
+    }
+    keys.try_iter()?
+        .map(|k| Ok(key_str(&k?)?.to_owned()))
+        .collect()
+}
+
+fn lookups_dict<'py>(
+    py: Python<'py>,
+    binding: &CacheBinding,
+    keys: &[String],
+    found: Vec<Found<PyObj>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (key, found) in keys.iter().zip(found) {
+        out.set_item(key, binding.lookup(py, found)?)?;
+    }
+    Ok(out)
+}
+
+fn envelopes_dict<'py>(
+    py: Python<'py>,
+    keys: &[Py<PyAny>],
+    entries: Vec<Arc<Entry<PyObj>>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (key, entry) in keys.iter().zip(entries) {
+        out.set_item(key, PyEnvelope::of(py, &entry)?)?;
+    }
+    Ok(out)
+}
+
+impl PyCache {
+    fn plan_many(
+        &self,
+        py: Python<'_>,
+        mapping: &Bound<'_, PyAny>,
+        ttl: Option<&Bound<'_, PyAny>>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(Vec<Py<PyAny>>, Vec<Write<PyObj>>)> {
+        let ttl = ttl.ok_or_else(|| {
+            PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
+        })?;
+        let items = mapping.call_method0("items").map_err(|_| {
+            PyTypeError::new_err("set_many() takes a mapping of str keys to values")
+        })?;
+        let mut keys = Vec::new();
+        let mut writes = Vec::new();
+        for item in items.try_iter()? {
+            let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
+            let text = key_str(&key)?.to_owned();
+            writes.push(self.binding.plan(py, text, &value, ttl, stale_ttl)?);
+            keys.push(key.unbind());
+        }
+        Ok((keys, writes))
+    }
+
+    fn plan_one(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        ttl: Option<&Bound<'_, PyAny>>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Write<PyObj>> {
+        let key = key_str(key)?.to_owned();
+        let ttl = ttl.ok_or_else(|| {
+            PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)")
+        })?;
+        self.binding.plan(py, key, value, ttl, stale_ttl)
+    }
+}
+
 #[pymethods]
 impl PyCache {
     #[new]
@@ -612,6 +635,7 @@ impl PyCache {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         url: Option<&str>,
         namespace: &str,
         max_entries: i64,
@@ -636,16 +660,14 @@ impl PyCache {
                 "max_value_bytes must be at least 1, got {max_value_bytes}"
             )));
         }
-        let serializer = match serializer {
-            "json" => Serializer::Json,
-            "pickle" => Serializer::Pickle,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "serializer must be \"json\" or \"pickle\", got {other:?}"
-                )))
-            }
-        };
+        let serializer = Serializer::parse(serializer)?;
         let redis_url = parse_backend(url)?;
+        if serializer == Serializer::Object && redis_url.is_some() {
+            return Err(PyValueError::new_err(
+                "serializer=\"object\" keeps values as Python objects, in memory only; a Redis \
+                 URL needs \"json\" (or \"pickle\")",
+            ));
+        }
         let redis = match &redis_url {
             Some(url) => Some(RedisStore::new(RedisConfig {
                 url: url.clone(),
@@ -658,18 +680,22 @@ impl PyCache {
             .as_ref()
             .map(|r| r.display_url.clone())
             .unwrap_or_else(|| "memory://".into());
+        let clock = PyClock::from_arg(clock)?;
+        let config = Config {
+            namespace: namespace.to_string(),
+            jitter,
+            fail_open,
+            max_entries: max_entries as u64,
+            max_value_bytes: max_value_bytes as usize,
+        };
+        let engine = Engine::new(config, clock_ref(&clock, py), redis)?;
         Ok(Self {
-            core: Arc::new(CacheCore {
-                namespace: namespace.to_string(),
+            binding: Arc::new(CacheBinding {
+                engine,
                 url,
-                policy: TtlPolicy::new(jitter)?,
-                clock: PyClock::from_arg(clock)?,
-                memory: MemoryStore::new(max_entries as u64),
-                redis,
                 serializer,
-                max_value_bytes: max_value_bytes as usize,
-                fail_open,
-                counters: Counters::default(),
+                decoder: Arc::new(PyDecoder::new(serializer, None)),
+                clock,
             }),
         })
     }
@@ -706,17 +732,17 @@ impl PyCache {
 
     #[getter]
     fn namespace(&self) -> &str {
-        &self.core.namespace
+        self.binding.engine.namespace()
     }
 
     #[getter]
     fn url(&self) -> &str {
-        &self.core.url
+        &self.binding.url
     }
 
     #[getter]
     fn backend(&self) -> &'static str {
-        if self.core.redis.is_some() {
+        if self.binding.engine.remote().is_some() {
             "redis"
         } else {
             "memory"
@@ -725,20 +751,22 @@ impl PyCache {
 
     /// Look `key` up: a `Lookup` whose state is "hit", "stale" or "miss".
     fn get(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyLookup> {
-        self.lookup(py, key, true)
+        let key = key_str(key)?;
+        let b = &self.binding;
+        let found = run_sync(py, b.uses_remote(), b.engine.get(key, &*b.decoder, true))?;
+        b.lookup(py, found)
     }
 
     fn aget<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.alookup(py, key, true)
-    }
-
-    /// `get` without counting it in `stats()` (a second look by the same caller).
-    fn _peek(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyLookup> {
-        self.lookup(py, key, false)
-    }
-
-    fn _apeek<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        self.alookup(py, key, false)
+        let key = key_str(key)?.to_owned();
+        let b = Arc::clone(&self.binding);
+        let work = {
+            let b = Arc::clone(&b);
+            async move { b.engine.get(&key, &*b.decoder, true).await }
+        };
+        run_async(py, b.uses_remote(), work, move |py, found| {
+            Ok(Py::new(py, b.lookup(py, found?)?)?.into_any())
+        })
     }
 
     /// Store `value` under `key`, fresh for `ttl` seconds and servable as stale until
@@ -752,16 +780,10 @@ impl PyCache {
         ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyEnvelope>> {
-        let (envelope, plan) = self.plan_set(py, key, value, ttl, stale_ttl)?;
-        let (written, wire, now, redis) = plan;
-        let result = match (redis, wire) {
-            (Some(redis), Some(wire)) => {
-                Some(py.detach(|| runtime::block_on(redis.set_many(vec![wire]))))
-            }
-            _ => None,
-        };
-        self.core.finish_set(py, &written, now, result)?;
-        Ok(envelope)
+        let write = self.plan_one(py, key, value, ttl, stale_ttl)?;
+        let b = &self.binding;
+        let entries = run_sync(py, b.uses_remote(), b.engine.commit(vec![write]))?;
+        PyEnvelope::of(py, &entries[0])
     }
 
     #[pyo3(signature = (key, value, ttl = None, stale_ttl = None))]
@@ -773,25 +795,13 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (envelope, plan) = self.plan_set(py, key, value, ttl, stale_ttl)?;
-        let (written, wire, now, redis) = plan;
-        match (redis, wire) {
-            (Some(redis), Some(wire)) => {
-                let core = Arc::clone(&self.core);
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.set_many(vec![wire]).await },
-                    move |py, result| {
-                        core.finish_set(py, &written, now, Some(result))?;
-                        Ok(envelope.into_any())
-                    },
-                )
-            }
-            _ => {
-                self.core.finish_set(py, &written, now, None)?;
-                Ok(Bound::new(py, Ready::new(envelope.into_any()))?.into_any())
-            }
-        }
+        let write = self.plan_one(py, key, value, ttl, stale_ttl)?;
+        let b = Arc::clone(&self.binding);
+        let engine = Arc::clone(&b.engine);
+        let work = async move { engine.commit(vec![write]).await };
+        run_async(py, b.uses_remote(), work, move |py, entries| {
+            Ok(PyEnvelope::of(py, &entries?[0])?.into_any())
+        })
     }
 
     /// Look up many keys; Redis answers them in one MGET. Returns `{key: Lookup}`.
@@ -801,14 +811,9 @@ impl PyCache {
         keys: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let keys = key_list(keys)?;
-        match self.core.route()? {
-            None => self.core.memory_many(py, &keys),
-            Some(redis) => {
-                let rkeys = keys.iter().map(|k| self.core.redis_key(k)).collect();
-                let result = py.detach(|| runtime::block_on(redis.mget(rkeys)));
-                self.core.finish_many(py, &keys, result)
-            }
-        }
+        let b = &self.binding;
+        let found = run_sync(py, b.uses_remote(), b.engine.get_many(&keys, &*b.decoder))?;
+        lookups_dict(py, b, &keys, found)
     }
 
     fn aget_many<'py>(
@@ -816,22 +821,15 @@ impl PyCache {
         py: Python<'py>,
         keys: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let keys = key_list(keys)?;
-        match self.core.route()? {
-            None => {
-                let found = self.core.memory_many(py, &keys)?;
-                Ok(Bound::new(py, Ready::new(found.into_any().unbind()))?.into_any())
-            }
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let rkeys = keys.iter().map(|k| core.redis_key(k)).collect();
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.mget(rkeys).await },
-                    move |py, result| Ok(core.finish_many(py, &keys, result)?.into_any().unbind()),
-                )
-            }
-        }
+        let keys = Arc::new(key_list(keys)?);
+        let b = Arc::clone(&self.binding);
+        let work = {
+            let (b, keys) = (Arc::clone(&b), Arc::clone(&keys));
+            async move { b.engine.get_many(&keys, &*b.decoder).await }
+        };
+        run_async(py, b.uses_remote(), work, move |py, found| {
+            Ok(lookups_dict(py, &b, &keys, found?)?.into_any().unbind())
+        })
     }
 
     /// Store every item of `mapping` with the same TTLs; Redis gets one pipeline.
@@ -843,11 +841,10 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let (envelopes, written, wires, now, redis) =
-            self.plan_set_many(py, mapping, ttl, stale_ttl)?;
-        let result = redis.map(|redis| py.detach(|| runtime::block_on(redis.set_many(wires))));
-        self.core.finish_set(py, &written, now, result)?;
-        Ok(envelopes)
+        let (keys, writes) = self.plan_many(py, mapping, ttl, stale_ttl)?;
+        let b = &self.binding;
+        let entries = run_sync(py, b.uses_remote(), b.engine.commit(writes))?;
+        envelopes_dict(py, &keys, entries)
     }
 
     #[pyo3(signature = (mapping, ttl = None, stale_ttl = None))]
@@ -858,39 +855,20 @@ impl PyCache {
         ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (envelopes, written, wires, now, redis) =
-            self.plan_set_many(py, mapping, ttl, stale_ttl)?;
-        match redis {
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let envelopes = envelopes.unbind();
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.set_many(wires).await },
-                    move |py, result| {
-                        core.finish_set(py, &written, now, Some(result))?;
-                        Ok(envelopes.into_any())
-                    },
-                )
-            }
-            None => {
-                self.core.finish_set(py, &written, now, None)?;
-                Ok(Bound::new(py, Ready::new(envelopes.into_any().unbind()))?.into_any())
-            }
-        }
+        let (keys, writes) = self.plan_many(py, mapping, ttl, stale_ttl)?;
+        let b = Arc::clone(&self.binding);
+        let engine = Arc::clone(&b.engine);
+        let work = async move { engine.commit(writes).await };
+        run_async(py, b.uses_remote(), work, move |py, entries| {
+            Ok(envelopes_dict(py, &keys, entries?)?.into_any().unbind())
+        })
     }
 
     /// Remove `key`; True if it was there.
     fn delete(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         let keys = vec![key_str(key)?.to_owned()];
-        let result = match self.core.route()? {
-            Some(redis) => {
-                let rkeys = vec![self.core.redis_key(&keys[0])];
-                Some(py.detach(|| runtime::block_on(redis.delete(rkeys))))
-            }
-            None => None,
-        };
-        Ok(self.core.finish_delete(py, &keys, result)? > 0)
+        let b = &self.binding;
+        Ok(run_sync(py, b.uses_remote(), b.engine.delete(keys))? > 0)
     }
 
     fn adelete<'py>(
@@ -899,119 +877,74 @@ impl PyCache {
         key: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let keys = vec![key_str(key)?.to_owned()];
-        match self.core.route()? {
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let rkeys = vec![core.redis_key(&keys[0])];
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.delete(rkeys).await },
-                    move |py, result| {
-                        let removed = core.finish_delete(py, &keys, Some(result))?;
-                        Ok(PyBool::new(py, removed > 0).to_owned().into_any().unbind())
-                    },
-                )
-            }
-            None => {
-                let removed = self.core.finish_delete(py, &keys, None)?;
-                let value = PyBool::new(py, removed > 0).to_owned().into_any().unbind();
-                Ok(Bound::new(py, Ready::new(value))?.into_any())
-            }
-        }
+        let engine = Arc::clone(&self.binding.engine);
+        let work = async move { engine.delete(keys).await };
+        run_async(py, self.binding.uses_remote(), work, move |py, removed| {
+            Ok(PyBool::new(py, removed? > 0).to_owned().into_any().unbind())
+        })
     }
 
     /// Remove every entry of this cache's namespace (Redis: SCAN + UNLINK, never KEYS).
     fn clear(&self, py: Python<'_>) -> PyResult<()> {
-        let result = self.core.route()?.map(|redis| {
-            let pattern = format!("{}:*", glob_escape(&self.core.namespace));
-            py.detach(|| runtime::block_on(redis.delete_matching(pattern)))
-        });
-        self.core.finish_clear(py, result)
+        let b = &self.binding;
+        Ok(run_sync(py, b.uses_remote(), b.engine.clear())?)
     }
 
     fn aclear<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match self.core.route()? {
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let pattern = format!("{}:*", glob_escape(&core.namespace));
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.delete_matching(pattern).await },
-                    move |py, result| {
-                        core.finish_clear(py, Some(result))?;
-                        Ok(py.None())
-                    },
-                )
-            }
-            None => {
-                self.core.finish_clear(py, None)?;
-                Ok(Bound::new(py, Ready::new(py.None()))?.into_any())
-            }
-        }
+        let engine = Arc::clone(&self.binding.engine);
+        let work = async move { engine.clear().await };
+        run_async(py, self.binding.uses_remote(), work, move |py, done| {
+            done?;
+            Ok(py.None())
+        })
     }
 
     /// Counters and backend health as a plain dict (no I/O).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let core = &self.core;
-        let c = &core.counters;
-        let d = PyDict::new(py);
-        let hits = Counters::read(&c.hits);
-        let stale = Counters::read(&c.stale_hits);
-        let misses = Counters::read(&c.misses);
-        let decode_errors = Counters::read(&c.decode_errors);
-        let backend_errors = Counters::read(&c.backend_errors);
-        let lookups = hits + stale + misses;
-        let size = py.detach(|| core.memory.len());
+        let engine = Arc::clone(&self.binding.engine);
+        let s = py.detach(move || engine.stats());
         release_pending(py);
+        let lookups = s.hits + s.stale_hits + s.misses;
+        let rate = |n: u64| {
+            if lookups == 0 {
+                0.0
+            } else {
+                n as f64 / lookups as f64
+            }
+        };
+        let d = PyDict::new(py);
         d.set_item("backend", self.backend())?;
-        d.set_item("url", &core.url)?;
-        d.set_item("namespace", &core.namespace)?;
-        d.set_item("degraded", core.redis.as_ref().is_some_and(|r| r.is_down()))?;
-        d.set_item("hits", hits)?;
-        d.set_item("stale_hits", stale)?;
-        d.set_item("misses", misses)?;
-        d.set_item("sets", Counters::read(&c.sets))?;
-        d.set_item("deletes", Counters::read(&c.deletes))?;
-        d.set_item("errors", decode_errors + backend_errors)?;
-        d.set_item("decode_errors", decode_errors)?;
-        d.set_item("backend_errors", backend_errors)?;
-        d.set_item(
-            "outages",
-            core.redis
-                .as_ref()
-                .map_or(0, |r| r.outages.load(Ordering::Relaxed)),
-        )?;
-        d.set_item("evictions", core.memory.evictions())?;
-        d.set_item("size", size)?;
-        d.set_item(
-            "hit_rate",
-            if lookups == 0 {
-                0.0
-            } else {
-                hits as f64 / lookups as f64
-            },
-        )?;
-        d.set_item(
-            "stale_rate",
-            if lookups == 0 {
-                0.0
-            } else {
-                stale as f64 / lookups as f64
-            },
-        )?;
+        d.set_item("url", &self.binding.url)?;
+        d.set_item("namespace", self.binding.engine.namespace())?;
+        d.set_item("degraded", s.degraded)?;
+        d.set_item("hits", s.hits)?;
+        d.set_item("stale_hits", s.stale_hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("sets", s.sets)?;
+        d.set_item("deletes", s.deletes)?;
+        d.set_item("errors", s.decode_errors + s.backend_errors)?;
+        d.set_item("decode_errors", s.decode_errors)?;
+        d.set_item("backend_errors", s.backend_errors)?;
+        d.set_item("outages", s.outages)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("size", s.size)?;
+        d.set_item("coalesced", s.coalesced)?;
+        d.set_item("loads", s.loads)?;
+        d.set_item("hit_rate", rate(s.hits))?;
+        d.set_item("stale_rate", rate(s.stale_hits))?;
         Ok(d)
     }
 
     /// The full Redis key (namespace included) under which `key` is stored.
     fn backend_key(&self, key: &Bound<'_, PyAny>) -> PyResult<String> {
-        Ok(self.core.redis_key(key_str(key)?))
+        Ok(self.binding.redis_key(key_str(key)?))
     }
 
     /// Decorator caching a function's results in this cache, for sync and `async def`
     /// functions alike (see `tenuto.Cache.cached` in the README).
     #[pyo3(signature = (
         ttl, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
-        *, lock_ttl = 30.0, wait_timeout = 8.0, breaker = None
+        *, lock_ttl = None, wait_timeout = None, breaker = None, r#type = None, isolated = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn cached<'py>(
@@ -1022,9 +955,11 @@ impl PyCache {
         key: Option<&Bound<'py, PyAny>>,
         negative: Option<&Bound<'py, PyAny>>,
         distributed: Option<bool>,
-        lock_ttl: f64,
-        wait_timeout: f64,
+        lock_ttl: Option<&Bound<'py, PyAny>>,
+        wait_timeout: Option<&Bound<'py, PyAny>>,
         breaker: Option<&Bound<'py, PyAny>>,
+        r#type: Option<&Bound<'py, PyAny>>,
+        isolated: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let kwargs = PyDict::new(py);
@@ -1037,352 +972,27 @@ impl PyCache {
         kwargs.set_item("lock_ttl", lock_ttl)?;
         kwargs.set_item("wait_timeout", wait_timeout)?;
         kwargs.set_item("breaker", breaker)?;
+        kwargs.set_item("type", r#type)?;
+        kwargs.set_item("isolated", isolated)?;
         py.import("tenuto._cached")?
             .getattr("decorator")?
             .call((slf,), Some(&kwargs))
     }
 
     /// The cache clock's time in whole epoch seconds.
-    fn now(&self, py: Python<'_>) -> PyResult<i64> {
-        self.core.clock.now_secs(py)
-    }
-
-    /// Distributed single-flight lock `{namespace}:lock:{key}` (Redis only). Returns the
-    /// token when taken, None when another process holds it, and "" when Redis cannot be
-    /// asked (fail open: proceed without the lock).
-    fn _lock(&self, py: Python<'_>, key: &str, ttl: f64) -> PyResult<Option<String>> {
-        let Some((redis, lock_key, token, ttl)) = self.core.lock_plan(key, ttl)? else {
-            return Ok(Some(String::new()));
-        };
-        let attempt = token.clone();
-        let taken = py.detach(|| runtime::block_on(redis.try_lock(lock_key, attempt, ttl)));
-        Ok(self.core.finish_lock(taken, token))
-    }
-
-    fn _alock<'py>(&self, py: Python<'py>, key: &str, ttl: f64) -> PyResult<Bound<'py, PyAny>> {
-        let Some((redis, lock_key, token, ttl)) = self.core.lock_plan(key, ttl)? else {
-            let no_lock = PyString::new(py, "").into_any().unbind();
-            return Ok(Bound::new(py, Ready::new(no_lock))?.into_any());
-        };
-        let core = Arc::clone(&self.core);
-        let attempt = token.clone();
-        let work = async move { redis.try_lock(lock_key, attempt, ttl).await };
-        spawn_for_asyncio(py, work, move |py, taken| {
-            let outcome = core.finish_lock(taken, token);
-            Ok(outcome.into_pyobject(py)?.into_any().unbind())
-        })
-    }
-
-    /// Releases the lock if `token` still holds it.
-    fn _unlock(&self, py: Python<'_>, key: &str, token: &str) -> bool {
-        let Some(redis) = self.core.redis.clone().filter(|_| !token.is_empty()) else {
-            return false;
-        };
-        let (lock_key, token) = (self.core.lock_key(key), token.to_owned());
-        let result = py.detach(|| runtime::block_on(redis.unlock(lock_key, token)));
-        self.core.finish_unlock(result)
-    }
-
-    fn _aunlock<'py>(
-        &self,
-        py: Python<'py>,
-        key: &str,
-        token: &str,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let Some(redis) = self.core.redis.clone().filter(|_| !token.is_empty()) else {
-            let nothing = PyBool::new(py, false).to_owned().into_any().unbind();
-            return Ok(Bound::new(py, Ready::new(nothing))?.into_any());
-        };
-        let core = Arc::clone(&self.core);
-        let (lock_key, token) = (core.lock_key(key), token.to_owned());
-        spawn_for_asyncio(
-            py,
-            async move { redis.unlock(lock_key, token).await },
-            move |py, result| {
-                let deleted = core.finish_unlock(result);
-                Ok(PyBool::new(py, deleted).to_owned().into_any().unbind())
-            },
-        )
-    }
-
-    /// Waits up to `timeout` seconds for another process's write of `key` made at or after
-    /// epoch second `since`: its Lookup, or None (timed out, or that process gave up).
-    fn _wait_for_write(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        since: i64,
-        timeout: f64,
-    ) -> PyResult<Option<PyLookup>> {
-        let Some(redis) = self.core.redis.clone() else {
-            return Ok(None);
-        };
-        let (rkey, lock_key) = (self.core.redis_key(key), self.core.lock_key(key));
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let result = py.detach(|| {
-            runtime::block_on(redis.wait_for_write(rkey, lock_key, timeout, written_since(since)))
-        });
-        self.core.finish_wait(py, key, result)
-    }
-
-    fn _await_for_write<'py>(
-        &self,
-        py: Python<'py>,
-        key: &str,
-        since: i64,
-        timeout: f64,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let Some(redis) = self.core.redis.clone() else {
-            return Ok(Bound::new(py, Ready::new(py.None()))?.into_any());
-        };
-        let core = Arc::clone(&self.core);
-        let (rkey, lock_key, key) = (core.redis_key(key), core.lock_key(key), key.to_owned());
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let work = async move {
-            redis
-                .wait_for_write(rkey, lock_key, timeout, written_since(since))
-                .await
-        };
-        spawn_for_asyncio(py, work, move |py, result| {
-            Ok(core
-                .finish_wait(py, &key, result)?
-                .into_pyobject(py)?
-                .into_any()
-                .unbind())
-        })
+    fn now(&self) -> i64 {
+        self.binding.engine.now()
     }
 
     fn __repr__(&self) -> String {
         format!(
             "Cache(url={:?}, namespace={:?})",
-            self.core.url, self.core.namespace
+            self.binding.url,
+            self.binding.engine.namespace()
         )
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        self.core.clock.traverse(&visit)
-    }
-}
-
-fn key_list(keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-    if keys.cast::<PyString>().is_ok() {
-        return Err(PyTypeError::new_err(
-            "keys must be an iterable of str, not a single str",
-        ));
-    }
-    keys.try_iter()?
-        .map(|k| Ok(key_str(&k?)?.to_owned()))
-        .collect()
-}
-
-type SetManyPlan<'py> = (
-    Bound<'py, PyDict>,
-    Vec<(String, Py<PyEnvelope>)>,
-    Vec<WireItem>,
-    i64,
-    Option<Arc<RedisStore>>,
-);
-
-type SetPlan = (
-    Vec<(String, Py<PyEnvelope>)>,
-    Option<WireItem>,
-    i64,
-    Option<Arc<RedisStore>>,
-);
-
-impl PyCache {
-    fn lookup(&self, py: Python<'_>, key: &Bound<'_, PyAny>, count: bool) -> PyResult<PyLookup> {
-        let core = &self.core;
-        let key = key_str(key)?;
-        match core.route()? {
-            None => core.memory_lookup(py, key, count),
-            Some(redis) => {
-                let rkey = core.redis_key(key);
-                let result = py.detach(|| runtime::block_on(redis.get(rkey)));
-                core.finish_get(py, key, result, count)
-            }
-        }
-    }
-
-    fn alookup<'py>(
-        &self,
-        py: Python<'py>,
-        key: &Bound<'py, PyAny>,
-        count: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let key_text = key_str(key)?.to_owned();
-        match self.core.route()? {
-            None => {
-                let lookup = self.core.memory_lookup(py, &key_text, count)?;
-                Ok(Bound::new(py, Ready::new(Py::new(py, lookup)?.into_any()))?.into_any())
-            }
-            Some(redis) => {
-                let core = Arc::clone(&self.core);
-                let rkey = core.redis_key(&key_text);
-                spawn_for_asyncio(
-                    py,
-                    async move { redis.get(rkey).await },
-                    move |py, result| {
-                        Ok(Py::new(py, core.finish_get(py, &key_text, result, count)?)?.into_any())
-                    },
-                )
-            }
-        }
-    }
-
-    fn plan_set(
-        &self,
-        py: Python<'_>,
-        key: &Bound<'_, PyAny>,
-        value: &Bound<'_, PyAny>,
-        ttl: Option<&Bound<'_, PyAny>>,
-        stale_ttl: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(Py<PyEnvelope>, SetPlan)> {
-        let key = key_str(key)?;
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)")
-        })?;
-        let (now, times) = self.core.stamp(py, ttl, stale_ttl)?;
-        let for_redis = self.core.redis.is_some();
-        let (envelope, wire) = self
-            .core
-            .prepare_set(py, key, value, now, times, for_redis)?;
-        let redis = if for_redis { self.core.route()? } else { None };
-        let written = vec![(key.to_owned(), envelope.clone_ref(py))];
-        Ok((envelope, (written, wire, now, redis)))
-    }
-
-    fn plan_set_many<'py>(
-        &self,
-        py: Python<'py>,
-        mapping: &Bound<'py, PyAny>,
-        ttl: Option<&Bound<'py, PyAny>>,
-        stale_ttl: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<SetManyPlan<'py>> {
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
-        })?;
-        let items = mapping.call_method0("items").map_err(|_| {
-            PyTypeError::new_err("set_many() takes a mapping of str keys to values")
-        })?;
-        let for_redis = self.core.redis.is_some();
-        let envelopes = PyDict::new(py);
-        let mut written = Vec::new();
-        let mut wires = Vec::new();
-        let mut now = 0;
-        for item in items.try_iter()? {
-            let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
-            let key_text = key_str(&key)?;
-            let (t, times) = self.core.stamp(py, ttl, stale_ttl)?;
-            now = t;
-            let (envelope, wire) = self
-                .core
-                .prepare_set(py, key_text, &value, t, times, for_redis)?;
-            envelopes.set_item(&key, &envelope)?;
-            written.push((key_text.to_owned(), envelope));
-            wires.extend(wire);
-        }
-        let redis = if for_redis { self.core.route()? } else { None };
-        Ok((envelopes, written, wires, now, redis))
-    }
-}
-
-/// Accepts a stored envelope fetched at or after epoch second `since`.
-fn written_since(since: i64) -> impl Fn(&[u8]) -> bool + Send {
-    move |bytes| decode_envelope(bytes).is_ok_and(|wire| wire.fetched_at >= since)
-}
-
-type LockPlan = (Arc<RedisStore>, String, String, Duration);
-
-impl CacheCore {
-    fn lock_key(&self, key: &str) -> String {
-        format!("{}:lock:{key}", self.namespace)
-    }
-
-    /// None when there is no Redis to lock on (memory cache, or Redis marked down).
-    fn lock_plan(&self, key: &str, ttl: f64) -> PyResult<Option<LockPlan>> {
-        let ttl = timeout_arg("lock_ttl", ttl)?;
-        let Some(redis) = self.redis.clone().filter(|r| !r.is_down()) else {
-            return Ok(None);
-        };
-        let token = runtime::unique_token();
-        Ok(Some((redis, self.lock_key(key), token, ttl)))
-    }
-
-    fn finish_lock(&self, taken: Result<bool, StoreError>, token: String) -> Option<String> {
-        match taken {
-            Ok(true) => Some(token),
-            Ok(false) => None,
-            // Lock errors fail open: proceed as if this process held the lock.
-            Err(_) => {
-                Counters::bump(&self.counters.backend_errors);
-                Some(String::new())
-            }
-        }
-    }
-
-    fn finish_unlock(&self, result: Result<bool, StoreError>) -> bool {
-        result.unwrap_or_else(|_| {
-            Counters::bump(&self.counters.backend_errors);
-            false
-        })
-    }
-
-    fn finish_wait(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        result: Result<Option<Vec<u8>>, StoreError>,
-    ) -> PyResult<Option<PyLookup>> {
-        match result {
-            Ok(Some(bytes)) => Ok(Some(self.redis_lookup(py, key, Some(bytes), true)?)),
-            Ok(None) => Ok(None),
-            Err(_) => {
-                Counters::bump(&self.counters.backend_errors);
-                Ok(None)
-            }
-        }
-    }
-
-    fn memory_many<'py>(&self, py: Python<'py>, keys: &[String]) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
-        for key in keys {
-            out.set_item(key, self.memory_lookup(py, key, true)?)?;
-        }
-        Ok(out)
-    }
-
-    fn finish_many<'py>(
-        &self,
-        py: Python<'py>,
-        keys: &[String],
-        result: Result<Vec<Option<Vec<u8>>>, StoreError>,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        match result {
-            Ok(values) => {
-                let out = PyDict::new(py);
-                for (key, bytes) in keys.iter().zip(values) {
-                    out.set_item(key, self.redis_lookup(py, key, bytes, true)?)?;
-                }
-                Ok(out)
-            }
-            Err(err) => {
-                self.absorb(err)?;
-                self.memory_many(py, keys)
-            }
-        }
-    }
-
-    fn finish_clear(
-        &self,
-        py: Python<'_>,
-        result: Option<Result<u64, StoreError>>,
-    ) -> PyResult<()> {
-        py.detach(|| self.memory.clear());
-        release_pending(py);
-        if let Some(Err(err)) = result {
-            self.absorb(err)?;
-        }
-        Ok(())
+        self.binding.clock.traverse(&visit)
     }
 }

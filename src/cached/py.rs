@@ -13,15 +13,25 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern};
 
+use std::time::Duration;
+
+use pyo3::exceptions::PyException;
+
 use super::{from_severity, severity};
+use crate::cache::engine::{Backoff, Begin, CallPolicy, LockPolicy, Served, Ticket};
 use crate::cache::memory::Entry;
-use crate::cache::py::{count_hit, CacheCore, PyCache, Stored};
+use crate::cache::py::{
+    run_async, run_sync, seconds_arg, CacheBinding, PyCache, PyDecoder, PyEnvelope, PyLookup, PyObj,
+};
+use crate::cache::redis::RedisStore;
 use crate::cache::State;
 use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
 use crate::graveyard::release_pending;
 use crate::key::key_from_json;
 use crate::runtime::py::Ready;
+
+type PyTicketInner = Ticket<PyObj, RedisStore>;
 
 /// The worst state among the cached calls of one request: stale > miss > hit.
 #[pyclass(frozen, module = "tenuto._core", name = "RequestState")]
@@ -167,7 +177,7 @@ impl Identity {
 /// found with the store generation it was found at (saves the moka lookup while valid).
 struct Remembered {
     key: Arc<str>,
-    entry: Option<Arc<Entry<Stored>>>,
+    entry: Option<Arc<Entry<PyObj>>>,
     generation: u64,
 }
 
@@ -179,11 +189,20 @@ type Front = HashMap<String, Remembered, foldhash::fast::RandomState>;
 /// The native base of a cached function: key derivation and the fresh-hit fast path.
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "CachedCall")]
 pub struct PyCachedCall {
-    cache: Arc<CacheCore>,
+    cache: Arc<CacheBinding>,
     name: String,
     keyer: Keyer,
     is_async: bool,
     front: Mutex<Front>,
+    policy: Arc<CallPolicy>,
+    /// Payloads to values (with the function's `TypeAdapter` when it is typed).
+    decoder: Arc<PyDecoder>,
+    function: Py<PyAny>,
+    /// `Backoff.when`: which results are negative answers.
+    negative_when: Option<Py<PyAny>>,
+    breaker: Option<Py<PyAny>>,
+    /// Each hit returns a copy instead of the stored object.
+    isolated: bool,
 }
 
 fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
@@ -245,7 +264,7 @@ impl PyCachedCall {
         &self,
         identity: &Identity,
         generation: u64,
-    ) -> (Option<Arc<str>>, Option<Arc<Entry<Stored>>>) {
+    ) -> (Option<Arc<str>>, Option<Arc<Entry<PyObj>>>) {
         let front = self.front.lock().unwrap_or_else(|p| p.into_inner());
         match front.get(identity.text()) {
             Some(r) => (
@@ -263,7 +282,7 @@ impl PyCachedCall {
         &self,
         identity: Identity,
         key: Arc<str>,
-        entry: Option<Arc<Entry<Stored>>>,
+        entry: Option<Arc<Entry<PyObj>>>,
         generation: u64,
     ) {
         let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
@@ -359,19 +378,194 @@ impl PyCachedCall {
     }
 }
 
+/// A served value as a `Lookup`.
+fn lookup_of(py: Python<'_>, served: &Served<PyObj>) -> PyResult<PyLookup> {
+    Ok(PyLookup {
+        state: served.state,
+        envelope: Some(PyEnvelope::of(py, &served.entry)?),
+        stale_fallback: served.stale_fallback,
+    })
+}
+
+fn deepcopy<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    static DEEPCOPY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let py = value.py();
+    DEEPCOPY
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("copy")?.getattr("deepcopy")?.unbind())
+        })?
+        .bind(py)
+        .call1((value,))
+}
+
+/// The exception a shared failure carries, raised again for this caller.
+fn raise_shared(py: Python<'_>, error: &PyObj) -> PyErr {
+    PyErr::from_value(error.get().bind(py).clone())
+}
+
+impl PyCachedCall {
+    fn served_value(&self, py: Python<'_>, lookup: &PyLookup) -> PyResult<Py<PyAny>> {
+        let value = lookup.value(py);
+        if self.isolated {
+            return Ok(deepcopy(value.bind(py))?.unbind());
+        }
+        Ok(value)
+    }
+
+    fn call_function<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match &self.breaker {
+            None => self.function.bind(py).call(args, kwargs),
+            Some(breaker) => {
+                // An open breaker raises CircuitOpen: stale data is served instead.
+                let mut all = vec![self.function.bind(py).clone()];
+                all.extend(args.iter());
+                let all = PyTuple::new(py, all)?;
+                breaker
+                    .bind(py)
+                    .getattr(intern!(py, "call"))?
+                    .call(all, kwargs)
+            }
+        }
+    }
+
+    fn is_negative(&self, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match &self.negative_when {
+            Some(when) => when.bind(value.py()).call1((value,))?.is_truthy(),
+            None => Ok(false),
+        }
+    }
+
+    /// The value's write, checked before anything is stored.
+    fn plan(
+        &self,
+        ticket: &PyTicketInner,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<crate::cache::engine::Write<PyObj>> {
+        let negative = self.is_negative(value)?;
+        let prepared = self.decoder.prepare(value)?;
+        Ok(ticket.plan(prepared, negative, &self.policy)?)
+    }
+
+    /// Stores a loaded value (the caller's thread waits with the GIL released).
+    fn store_sync(
+        &self,
+        py: Python<'_>,
+        ticket: PyTicketInner,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<PyLookup> {
+        let write = match self.plan(&ticket, value) {
+            Ok(write) => write,
+            Err(err) => return self.fail_sync(py, ticket, err),
+        };
+        let remote = ticket.uses_remote();
+        let served = run_sync(py, remote, ticket.store(write))?;
+        lookup_of(py, &served)
+    }
+
+    fn fail_sync(&self, py: Python<'_>, ticket: PyTicketInner, err: PyErr) -> PyResult<PyLookup> {
+        let exc = err.value(py).clone().into_any().unbind();
+        let outcome = ticket.fail(crate::graveyard::Deferred::new(exc));
+        release_pending(py);
+        match outcome {
+            Ok(served) => {
+                log::warn!(target: "tenuto::cached", "fetch for {} failed ({}); serving the stale value", self.name, err);
+                lookup_of(py, &served)
+            }
+            Err(_) => Err(err),
+        }
+    }
+
+    /// Runs the function for a ticket and stores its outcome (sync functions).
+    fn load_sync(
+        &self,
+        py: Python<'_>,
+        ticket: PyTicketInner,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyLookup> {
+        match self.call_function(py, args, kwargs) {
+            Ok(value) => self.store_sync(py, ticket, &value),
+            // Exceptions are the load's outcome; BaseExceptions (KeyboardInterrupt,
+            // SystemExit) are this caller's own: the ticket is dropped, a waiter takes over.
+            Err(err) if err.is_instance_of::<PyException>(py) => self.fail_sync(py, ticket, err),
+            Err(err) => {
+                drop(ticket);
+                Err(err)
+            }
+        }
+    }
+
+    /// A sync call through the cache: serve, refresh in the background, or load.
+    fn resolve_sync(
+        slf: &Bound<'_, Self>,
+        key: &str,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        force: bool,
+    ) -> PyResult<PyLookup> {
+        let this = slf.get();
+        let py = slf.py();
+        let engine = &this.cache.engine;
+        let remote = this.cache.uses_remote();
+        let begin = run_sync(
+            py,
+            remote,
+            engine.begin(key, &this.policy, &*this.decoder, force, true),
+        )?;
+        let lookup = match begin {
+            Begin::Serve(served) => lookup_of(py, &served)?,
+            Begin::Failed(failure) => return Err(raise_shared(py, failure.error())),
+            Begin::Refresh(served, ticket) => {
+                let ticket = Py::new(py, PyTicket::new(slf, ticket))?;
+                let kwargs = kwargs.map_or_else(|| PyDict::new(py), |k| k.clone());
+                py.import("tenuto._cached")?
+                    .getattr("submit_refresh")?
+                    .call1((ticket, args, kwargs))?;
+                lookup_of(py, &served)?
+            }
+            Begin::Load(ticket) => {
+                ticket.claim_for_current_thread();
+                this.load_sync(py, ticket, args, kwargs)?
+            }
+        };
+        record_state(py, lookup.state)?;
+        Ok(lookup)
+    }
+}
+
 #[pymethods]
 impl PyCachedCall {
     /// `params`: (name, positional, keyword, has_default, default) per parameter, in
     /// signature order; `bind` replaces them for signatures with *args or **kwargs.
+    /// `negative`: a `tenuto.Backoff`; `lock_ttl` None: no lock across processes.
     #[new]
-    #[pyo3(signature = (cache, name, params, *, key = None, bind = None, is_async = false))]
+    #[pyo3(signature = (
+        cache, name, params, function, ttl, *, stale_ttl = None, key = None, bind = None,
+        is_async = false, negative = None, lock_ttl = None, wait_timeout = None,
+        breaker = None, adapter = None, isolated = false
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cache: &Bound<'_, PyCache>,
         name: String,
         params: Vec<(String, bool, bool, bool, Py<PyAny>)>,
+        function: Py<PyAny>,
+        ttl: &Bound<'_, PyAny>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
         key: Option<Py<PyAny>>,
         bind: Option<Py<PyAny>>,
         is_async: bool,
+        negative: Option<&Bound<'_, PyAny>>,
+        lock_ttl: Option<&Bound<'_, PyAny>>,
+        wait_timeout: Option<&Bound<'_, PyAny>>,
+        breaker: Option<Py<PyAny>>,
+        adapter: Option<Py<PyAny>>,
+        isolated: bool,
     ) -> PyResult<Self> {
         let keyer = match (key, bind) {
             (Some(f), _) => Keyer::Custom(f),
@@ -391,12 +585,48 @@ impl PyCachedCall {
                 Keyer::Params { params, sorted }
             }
         };
+        let ttl = seconds_arg("ttl", ttl)?;
+        let stale_ttl = match stale_ttl {
+            Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
+            _ => None,
+        };
+        let (backoff, negative_when) = match negative {
+            Some(b) if !b.is_none() => (
+                Some(Backoff::new(
+                    b.getattr("base")?.extract()?,
+                    b.getattr("factor")?.extract()?,
+                    b.getattr("max")?.extract()?,
+                )?),
+                Some(b.getattr("when")?.unbind()),
+            ),
+            _ => (None, None),
+        };
+        let lock = match lock_ttl {
+            Some(t) if !t.is_none() => Some(LockPolicy {
+                ttl: Duration::from_secs_f64(seconds_arg("lock_ttl", t)?),
+                wait: match wait_timeout {
+                    Some(w) if !w.is_none() => {
+                        Duration::from_secs_f64(seconds_arg("wait_timeout", w)?)
+                    }
+                    _ => Duration::from_secs(8),
+                },
+            }),
+            _ => None,
+        };
+        let binding = Arc::clone(&cache.get().binding);
+        let decoder = Arc::new(PyDecoder::new(binding.serializer, adapter));
         Ok(Self {
-            cache: Arc::clone(&cache.get().core),
+            cache: binding,
             name,
             keyer,
             is_async,
             front: Mutex::new(Front::default()),
+            policy: Arc::new(CallPolicy::new(ttl, stale_ttl, backoff, lock)?),
+            decoder,
+            function,
+            negative_when,
+            breaker,
+            isolated,
         })
     }
 
@@ -409,16 +639,17 @@ impl PyCachedCall {
         let this = slf.get();
         let py = slf.py();
         let identity = this.identity(py, args, kwargs)?;
-        let memory = &this.cache.memory;
+        let engine = &this.cache.engine;
+        let memory = &engine.memory;
         // Read the generation before any entry: see `MemoryStore::generation`.
         let generation = memory.generation();
         let (key, mut entry) = this.remembered(&identity, generation);
         let known = key.is_some() && entry.is_some();
         let key = key.unwrap_or_else(|| this.key_of_identity(&identity));
         // NOTE: a fresh memory hit stays here, with the GIL held: no thread hop, no Python
-        // frame, and (when remembered) no sha256 and no moka lookup. Redis lookups and
-        // everything else go to `_slow`.
-        if this.cache.redis.is_none() {
+        // frame, and (when remembered) no sha256 and no moka lookup. Everything else goes
+        // through the engine's `begin`.
+        if engine.remote().is_none() {
             if entry.is_none() {
                 entry = memory.get(&key);
             }
@@ -426,12 +657,15 @@ impl PyCachedCall {
                 this.remember(identity, Arc::clone(&key), entry.clone(), generation);
             }
             if let Some(entry) = entry {
-                if entry.times.state(this.cache.clock.now_secs(py)?) == State::Hit {
-                    count_hit(&this.cache);
+                if entry.times.state(engine.now()) == State::Hit {
+                    engine.count_hit();
                     record_state(py, State::Hit)?;
-                    let value = entry.value.get().get().payload_ref(py);
+                    let mut value = entry.value.get().clone_ref(py);
                     drop(entry);
                     release_pending(py);
+                    if this.isolated {
+                        value = deepcopy(value.bind(py))?.unbind();
+                    }
                     return if this.is_async {
                         Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
                     } else {
@@ -442,13 +676,80 @@ impl PyCachedCall {
         } else if !known {
             this.remember(identity, Arc::clone(&key), None, 0);
         }
-        let kwargs = match kwargs {
-            Some(k) => k.clone(),
-            None => PyDict::new(py),
-        };
-        Ok(slf
-            .call_method1(intern!(py, "_slow"), (&*key, args, kwargs))?
-            .unbind())
+        if this.is_async {
+            let kwargs = kwargs.map_or_else(|| PyDict::new(py), |k| k.clone());
+            return Ok(slf
+                .call_method1(intern!(py, "_aslow"), (&*key, args, kwargs))?
+                .unbind());
+        }
+        let lookup = Self::resolve_sync(slf, &key, args, kwargs, false)?;
+        this.served_value(py, &lookup)
+    }
+
+    /// A sync call through the cache, answered as a `Lookup` (`force`: load even when a
+    /// fresh value is there).
+    #[pyo3(signature = (key, args, kwargs, force = false))]
+    fn _resolve(
+        slf: &Bound<'_, Self>,
+        key: &str,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+        force: bool,
+    ) -> PyResult<PyLookup> {
+        Self::resolve_sync(slf, key, args, kwargs, force)
+    }
+
+    /// The start of an async call: an awaitable of `(lookup, ticket)`: a `Lookup` to
+    /// serve and no ticket; a stale `Lookup` and a ticket to refresh it in the background;
+    /// or no `Lookup` and a ticket to load it. A shared failure is raised.
+    #[pyo3(signature = (key, force = false))]
+    fn _abegin<'py>(
+        slf: &Bound<'py, Self>,
+        key: String,
+        force: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let engine = Arc::clone(&this.cache.engine);
+        let policy = Arc::clone(&this.policy);
+        let decoder = Arc::clone(&this.decoder);
+        let owner = slf.clone().unbind();
+        let work = async move { engine.begin(&key, &policy, &*decoder, force, false).await };
+        run_async(py, this.cache.uses_remote(), work, move |py, begin| {
+            let owner = owner.bind(py);
+            let pair = match begin? {
+                Begin::Serve(served) => (Some(lookup_of(py, &served)?), None),
+                Begin::Failed(failure) => return Err(raise_shared(py, failure.error())),
+                Begin::Refresh(served, ticket) => (
+                    Some(lookup_of(py, &served)?),
+                    Some(PyTicket::new(owner, ticket)),
+                ),
+                Begin::Load(ticket) => (None, Some(PyTicket::new(owner, ticket))),
+            };
+            Ok(pair.into_pyobject(py)?.into_any().unbind())
+        })
+    }
+
+    /// Followers waiting for the load of `key` in this process now.
+    fn _followers(&self, key: &str) -> usize {
+        self.cache.engine.followers(key)
+    }
+
+    /// Waits (GIL released) until no load or background refresh of `key` runs here.
+    fn _settle(&self, py: Python<'_>, key: &str) {
+        let engine = Arc::clone(&self.cache.engine);
+        py.detach(|| crate::runtime::block_on(engine.settled(key)));
+        release_pending(py);
+    }
+
+    /// `_settle` for async callers: an awaitable that never blocks the loop.
+    fn _asettle<'py>(&self, py: Python<'py>, key: String) -> PyResult<Bound<'py, PyAny>> {
+        let engine = Arc::clone(&self.cache.engine);
+        crate::runtime::py::spawn_for_asyncio(
+            py,
+            async move { engine.settled(&key).await },
+            |py, ()| Ok(py.None()),
+        )
     }
 
     /// Methods: bind the instance like a plain function would.
@@ -490,6 +791,13 @@ impl PyCachedCall {
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.function)?;
+        if let Some(f) = &self.negative_when {
+            visit.call(f)?;
+        }
+        if let Some(b) = &self.breaker {
+            visit.call(b)?;
+        }
         match &self.keyer {
             Keyer::Custom(f) | Keyer::Bind(f) => visit.call(f)?,
             Keyer::Params { params, .. } => {
@@ -501,5 +809,111 @@ impl PyCachedCall {
             }
         }
         Ok(())
+    }
+}
+
+/// The duty to load (or refresh) one key, handed to Python for an async function or a
+/// background refresh. `store` / `fail` finish it; dropped unused, it abandons the load
+/// and releases its lock.
+#[pyclass(frozen, module = "tenuto._core", name = "Ticket")]
+pub struct PyTicket {
+    call: Py<PyCachedCall>,
+    ticket: Mutex<Option<PyTicketInner>>,
+}
+
+impl PyTicket {
+    fn new(call: &Bound<'_, PyCachedCall>, ticket: PyTicketInner) -> Self {
+        Self {
+            call: call.clone().unbind(),
+            ticket: Mutex::new(Some(ticket)),
+        }
+    }
+
+    fn take(&self) -> PyResult<PyTicketInner> {
+        self.ticket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                pyo3::exceptions::PyRuntimeError::new_err("this ticket was already used")
+            })
+    }
+}
+
+#[pymethods]
+impl PyTicket {
+    /// The work goes on on this thread (the event loop's): a sync call of the same key
+    /// here would wait for itself, and raises instead.
+    fn claim(&self) {
+        if let Some(t) = &*self.ticket.lock().unwrap_or_else(|p| p.into_inner()) {
+            t.claim_for_current_thread();
+        }
+    }
+
+    /// Stores the function's value: an awaitable of the `Lookup` served.
+    fn store<'py>(
+        &self,
+        py: Python<'py>,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ticket = self.take()?;
+        let call = self.call.bind(py).get();
+        let write = match call.plan(&ticket, value) {
+            Ok(write) => write,
+            Err(err) => {
+                let lookup = call.fail_sync(py, ticket, err)?;
+                return Ok(Bound::new(py, Ready::new(Py::new(py, lookup)?.into_any()))?.into_any());
+            }
+        };
+        let remote = ticket.uses_remote();
+        run_async(
+            py,
+            remote,
+            async move { ticket.store(write).await },
+            |py, served| Ok(Py::new(py, lookup_of(py, &served?)?)?.into_any()),
+        )
+    }
+
+    /// The function raised `error`: the stale `Lookup` (stale-if-error), or `error` again.
+    fn fail(
+        &self,
+        py: Python<'_>,
+        error: &Bound<'_, pyo3::exceptions::PyBaseException>,
+    ) -> PyResult<PyLookup> {
+        let ticket = self.take()?;
+        let err = PyErr::from_value(error.clone().into_any());
+        self.call.bind(py).get().fail_sync(py, ticket, err)
+    }
+
+    /// Gives the duty up (cancelled): a waiter takes over, the lock is released.
+    fn abandon(&self, py: Python<'_>) {
+        let ticket = self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(ticket);
+        release_pending(py);
+    }
+
+    /// Runs a background refresh of a sync function on this (pool) thread; a failure is
+    /// logged and keeps the stale value.
+    fn run_refresh(
+        &self,
+        py: Python<'_>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        let ticket = self.take()?;
+        let call = self.call.bind(py).get();
+        let key = ticket.key().to_owned();
+        match call.load_sync(py, ticket, args, Some(kwargs)) {
+            Ok(_) => Ok(()),
+            Err(err) if err.is_instance_of::<PyException>(py) => {
+                log::warn!(target: "tenuto::cached", "background refresh of {key} failed: {err}");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.call)
     }
 }

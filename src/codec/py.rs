@@ -6,6 +6,7 @@
 //! it refuses NaN and infinities.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -45,6 +46,24 @@ pub fn to_json(obj: &Bound<'_, PyAny>, dialect: JsonDialect) -> PyResult<String>
     let mut out = String::with_capacity(64);
     write_value(&mut out, obj, dialect, 0)?;
     Ok(out)
+}
+
+thread_local! {
+    /// Set by the writer when the JSON it wrote reads back as a different object: a tuple
+    /// (a list then), a key that is not a str, a subclass of a JSON type.
+    static REWRITTEN: Cell<bool> = const { Cell::new(false) };
+}
+
+fn rewritten() {
+    REWRITTEN.with(|r| r.set(true));
+}
+
+/// The payload JSON of `obj`, and whether reading it back gives an equal object of the
+/// same types (then the object itself can be kept as the cached value).
+pub fn to_json_checked(obj: &Bound<'_, PyAny>) -> PyResult<(String, bool)> {
+    REWRITTEN.with(|r| r.set(false));
+    let text = to_json(obj, PAYLOAD)?;
+    Ok((text, !REWRITTEN.with(|r| r.get())))
 }
 
 fn write_str(out: &mut String, s: &Bound<'_, PyString>, dialect: JsonDialect) -> PyResult<()> {
@@ -106,8 +125,12 @@ fn write_float(py: Python<'_>, out: &mut String, x: f64, dialect: JsonDialect) -
 /// A dict key as json writes it: str as is; float, int, bool, None as their JSON text.
 fn key_text<'a>(key: &'a Bound<'_, PyAny>, dialect: JsonDialect) -> PyResult<KeyText<'a>> {
     if let Ok(s) = key.cast::<PyString>() {
+        if !key.is_exact_instance_of::<PyString>() {
+            rewritten();
+        }
         return Ok(KeyText::Str(s.clone()));
     }
+    rewritten();
     let mut text = String::new();
     if key.is_none() {
         text.push_str("null");
@@ -207,12 +230,24 @@ pub fn write_value(
     } else if let Ok(b) = obj.cast::<PyBool>() {
         out.push_str(if b.is_true() { "true" } else { "false" });
     } else if let Ok(s) = obj.cast::<PyString>() {
+        if !obj.is_exact_instance_of::<PyString>() {
+            rewritten();
+        }
         write_str(out, s, dialect)?;
     } else if obj.cast::<PyInt>().is_ok() {
+        if !obj.is_exact_instance_of::<PyInt>() {
+            rewritten();
+        }
         write_int(out, obj)?;
     } else if let Ok(f) = obj.cast::<PyFloat>() {
+        if !obj.is_exact_instance_of::<PyFloat>() {
+            rewritten();
+        }
         write_float(obj.py(), out, f.value(), dialect)?;
     } else if let Ok(list) = obj.cast::<PyList>() {
+        if !obj.is_exact_instance_of::<PyList>() {
+            rewritten();
+        }
         out.push('[');
         for (i, item) in list.iter().enumerate() {
             if i > 0 {
@@ -222,6 +257,7 @@ pub fn write_value(
         }
         out.push(']');
     } else if let Ok(tuple) = obj.cast::<PyTuple>() {
+        rewritten();
         out.push('[');
         for (i, item) in tuple.iter().enumerate() {
             if i > 0 {
@@ -231,6 +267,9 @@ pub fn write_value(
         }
         out.push(']');
     } else if let Ok(dict) = obj.cast::<PyDict>() {
+        if !obj.is_exact_instance_of::<PyDict>() {
+            rewritten();
+        }
         write_dict(out, dict, dialect, depth)?;
     } else {
         return Err(PyTypeError::new_err(format!(
@@ -250,6 +289,24 @@ pub fn from_json<'py>(py: Python<'py>, text: &str) -> Result<Bound<'py, PyAny>, 
 }
 
 struct PySeed<'py>(Python<'py>);
+
+/// The map key under which serde_json (with `arbitrary_precision`) passes a number's text.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// A JSON number as Python reads it: an int of any size, or the float nearest the text
+/// (Rust's parser rounds correctly, as Python's does).
+fn number<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
+    if text.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        let x: f64 = text
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("invalid JSON number {text:?}")))?;
+        return Ok(PyFloat::new(py, x).into_any());
+    }
+    if let Ok(n) = text.parse::<i64>() {
+        return Ok(n.into_pyobject(py)?.into_any());
+    }
+    py.get_type::<PyInt>().call1((text,))
+}
 
 impl<'de, 'py> DeserializeSeed<'de> for PySeed<'py> {
     type Value = Bound<'py, PyAny>;
@@ -308,7 +365,14 @@ impl<'de, 'py> Visitor<'de> for PySeed<'py> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let dict = PyDict::new(self.0);
+        let mut first = true;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if first && key == NUMBER_TOKEN {
+                // serde_json's arbitrary_precision hands every number over as its text.
+                let text = map.next_value::<Cow<'de, str>>()?;
+                return number(self.0, &text).map_err(py_err);
+            }
+            first = false;
             let value = map.next_value_seed(PySeed(self.0))?;
             dict.set_item(PyString::new(self.0, &key), value)
                 .map_err(py_err)?;

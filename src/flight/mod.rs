@@ -80,7 +80,9 @@ impl<V> Flight<V> {
             let _ = sender.send(outcome);
         });
         // The sender lives in the flight until it lands, and landing sends before dropping.
-        receiver.await.unwrap_or_else(|_| Arc::new(Outcome::Abandoned))
+        receiver
+            .await
+            .unwrap_or_else(|_| Arc::new(Outcome::Abandoned))
     }
 
     /// True if waiting for this flight on the current thread could never end.
@@ -173,6 +175,11 @@ impl<V> SingleFlight<V> {
     /// Followers of the flight of `key` so far (0 when none is in flight).
     pub fn followers(&self, key: &str) -> usize {
         lock(&self.flights).get(key).map_or(0, |f| f.followers())
+    }
+
+    /// The flight of `key`, if one is in progress (without joining it).
+    pub fn current(&self, key: &str) -> Option<Arc<Flight<V>>> {
+        lock(&self.flights).get(key).cloned()
     }
 
     pub fn is_in_flight(&self, key: &str) -> bool {

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySet, PyString, PyTuple};
 
 use super::{field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, Table, CHUNK};
-use crate::cache::py::{CacheCore, PyCache};
+use crate::cache::py::{CacheBinding, PyCache};
 use crate::cache::redis::{RedisStore, StoreError};
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
@@ -64,7 +64,7 @@ fn read_counter(counter: &AtomicU64) -> u64 {
 }
 
 struct Registry {
-    cache: Arc<CacheCore>,
+    cache: Arc<CacheBinding>,
     layout: Layout,
     validated_ttl: u64,
     missing_ttl: u64,
@@ -514,7 +514,7 @@ impl PyIdRegistry {
         }
         Ok(Self {
             inner: Arc::new(Registry {
-                cache: Arc::clone(&cache.get().core),
+                cache: Arc::clone(&cache.get().binding),
                 layout: Layout {
                     name: name.to_owned(),
                     source_field: source_field.to_owned(),
@@ -523,7 +523,13 @@ impl PyIdRegistry {
                 validated_ttl: ttl_arg("validated_ttl", validated_ttl)?,
                 missing_ttl: ttl_arg("missing_ttl", missing_ttl)?,
                 memory: MemoryRecords::new(
-                    cache.get().core.memory.capacity().min(usize::MAX as u64) as usize,
+                    cache
+                        .get()
+                        .binding
+                        .engine
+                        .memory
+                        .capacity()
+                        .min(usize::MAX as u64) as usize,
                 ),
                 counters: Counters::default(),
             }),

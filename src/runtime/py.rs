@@ -155,8 +155,44 @@ pub(crate) fn resolve_soon(
     }
 }
 
-/// Runs `work` on tenuto's runtime and returns an asyncio future of the running loop that
-/// completes with `finish(output)`, which runs attached to Python on a runtime thread.
+type Start = Box<dyn FnOnce(Py<PyAny>, Py<PyAny>) -> tokio::task::AbortHandle + Send>;
+
+/// An awaitable of work on tenuto's runtime. Nothing runs until it is awaited: then it
+/// binds to the running loop (so `asyncio.run(cache.aget(k))` works), and cancelling the
+/// awaiting task aborts the Rust work, whose guards then clean up (a held lock is released).
+#[pyclass(frozen, module = "tenuto._core", name = "Pending")]
+pub struct Pending {
+    start: std::sync::Mutex<Option<Start>>,
+}
+
+#[pymethods]
+impl Pending {
+    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let start = self
+            .start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                pyo3::exceptions::PyRuntimeError::new_err("this awaitable was already awaited")
+            })?;
+        let event_loop = get_running_loop(py)?;
+        let future = event_loop.call_method0("create_future")?;
+        let abort = start(event_loop.unbind(), future.clone().unbind());
+        let on_done = PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
+            let future = args.get_item(0)?;
+            if future.call_method0("cancelled")?.is_truthy()? {
+                abort.abort();
+            }
+            Ok::<_, PyErr>(())
+        })?;
+        future.call_method1("add_done_callback", (on_done,))?;
+        future.call_method0("__await__")
+    }
+}
+
+/// Runs `work` on tenuto's runtime when the returned awaitable is awaited; it completes
+/// with `finish(output)`, which runs attached to Python on a runtime thread.
 pub fn spawn_for_asyncio<'py, F, T, C>(
     py: Python<'py>,
     work: F,
@@ -167,20 +203,25 @@ where
     T: Send + 'static,
     C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Py<PyAny>> + Send + 'static,
 {
-    let event_loop = get_running_loop(py)?;
-    let future = event_loop.call_method0("create_future")?;
-    let future_ref = future.clone().unbind();
-    let loop_ref = event_loop.unbind();
-    let handle = crate::runtime::handle();
-    handle.spawn(async move {
-        let output = work.await;
-        Python::attach(move |py| {
-            let (ok, value) = match finish(py, output) {
-                Ok(value) => (true, value.into_bound(py)),
-                Err(err) => (false, err.into_value(py).into_any().into_bound(py)),
-            };
-            resolve_soon(loop_ref.bind(py), future_ref.bind(py), ok, value);
-        });
+    let start: Start = Box::new(move |loop_ref, future_ref| {
+        crate::runtime::handle()
+            .spawn(async move {
+                let output = work.await;
+                Python::attach(move |py| {
+                    let (ok, value) = match finish(py, output) {
+                        Ok(value) => (true, value.into_bound(py)),
+                        Err(err) => (false, err.into_value(py).into_any().into_bound(py)),
+                    };
+                    resolve_soon(loop_ref.bind(py), future_ref.bind(py), ok, value);
+                });
+            })
+            .abort_handle()
     });
-    Ok(future)
+    Ok(Bound::new(
+        py,
+        Pending {
+            start: std::sync::Mutex::new(Some(start)),
+        },
+    )?
+    .into_any())
 }

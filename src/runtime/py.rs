@@ -157,25 +157,47 @@ pub(crate) fn resolve_soon(
 
 type Start = Box<dyn FnOnce(Py<PyAny>, Py<PyAny>) -> tokio::task::AbortHandle + Send>;
 
-/// An awaitable of work on tenuto's runtime. Nothing runs until it is awaited: then it
-/// binds to the running loop (so `asyncio.run(cache.aget(k))` works), and cancelling the
-/// awaiting task aborts the Rust work, whose guards then clean up (a held lock is released).
-#[pyclass(frozen, module = "tenuto._core", name = "Pending")]
-pub struct Pending {
-    start: std::sync::Mutex<Option<Start>>,
+enum Stage {
+    /// Not awaited yet: nothing runs.
+    Created(Start),
+    /// Running on the runtime; awaiting the asyncio future that it will complete.
+    Running { waiter: Py<PyAny>, future: Py<PyAny> },
+    Finished,
 }
 
-#[pymethods]
+/// A coroutine of work on tenuto's runtime (so `asyncio.run(cache.aget(k))` and
+/// `create_task` take it). Nothing runs until it is first sent to: then it binds to the
+/// running loop, and cancelling the awaiting task aborts the Rust work, whose guards
+/// then clean up (a held lock is released at once).
+#[pyclass(frozen, module = "tenuto._core", name = "Pending")]
+pub struct Pending {
+    stage: std::sync::Mutex<Stage>,
+}
+
 impl Pending {
-    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let start = self
-            .start
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                pyo3::exceptions::PyRuntimeError::new_err("this awaitable was already awaited")
-            })?;
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stage> {
+        self.stage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The iterator of the asyncio future this coroutine waits on, starting the work on
+    /// first use. Never calls Python while holding the stage lock.
+    fn waiter<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let start = {
+            let mut stage = self.lock();
+            match &*stage {
+                Stage::Running { waiter, .. } => return Ok(waiter.bind(py).clone()),
+                Stage::Finished => {
+                    return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                        "cannot reuse already awaited coroutine",
+                    ))
+                }
+                Stage::Created(_) => {}
+            }
+            match std::mem::replace(&mut *stage, Stage::Finished) {
+                Stage::Created(start) => start,
+                _ => unreachable!("checked above"),
+            }
+        };
         let event_loop = get_running_loop(py)?;
         let future = event_loop.call_method0("create_future")?;
         let abort = start(event_loop.unbind(), future.clone().unbind());
@@ -187,7 +209,79 @@ impl Pending {
             Ok::<_, PyErr>(())
         })?;
         future.call_method1("add_done_callback", (on_done,))?;
-        future.call_method0("__await__")
+        let waiter = future.call_method0("__await__")?;
+        *self.lock() = Stage::Running {
+            waiter: waiter.clone().unbind(),
+            future: future.unbind(),
+        };
+        Ok(waiter)
+    }
+
+    fn finish_on<T>(&self, result: PyResult<T>) -> PyResult<T> {
+        if result.is_err() {
+            *self.lock() = Stage::Finished;
+        }
+        result
+    }
+}
+
+#[pymethods]
+impl Pending {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.send(py, py.None().into_bound(py))
+    }
+
+    fn send<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let waiter = self.waiter(py)?;
+        self.finish_on(waiter.call_method1("send", (value,)))
+    }
+
+    #[pyo3(signature = (exc, *rest))]
+    fn throw<'py>(
+        &self,
+        py: Python<'py>,
+        exc: Bound<'py, PyAny>,
+        rest: Bound<'py, pyo3::types::PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let running = matches!(&*self.lock(), Stage::Running { .. });
+        if !running {
+            *self.lock() = Stage::Finished;
+            return Err(PyErr::from_value(exc));
+        }
+        let waiter = self.waiter(py)?;
+        let mut args = vec![exc];
+        args.extend(rest.iter());
+        let args = pyo3::types::PyTuple::new(py, args)?;
+        self.finish_on(waiter.getattr("throw")?.call1(args))
+    }
+
+    /// Stops the work (the coroutine was dropped or closed before it finished).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let stage = std::mem::replace(&mut *self.lock(), Stage::Finished);
+        if let Stage::Running { future, .. } = stage {
+            future.bind(py).call_method0("cancel")?;
+        }
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        // try_lock: a collection must never wait for a lock (the holder never runs Python
+        // while holding it, so a busy lock only means the stage is changing).
+        if let Ok(stage) = self.stage.try_lock() {
+            if let Stage::Running { waiter, future } = &*stage {
+                visit.call(waiter)?;
+                visit.call(future)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -220,7 +314,7 @@ where
     Ok(Bound::new(
         py,
         Pending {
-            start: std::sync::Mutex::new(Some(start)),
+            stage: std::sync::Mutex::new(Stage::Created(start)),
         },
     )?
     .into_any())

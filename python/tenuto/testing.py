@@ -13,6 +13,7 @@ sleeping.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -75,6 +76,17 @@ class RedisServer:
             self._proc.kill()
             self._proc.wait(timeout=10)
             self._proc = None
+
+    def pause(self) -> None:
+        """Freezes the server (SIGSTOP): connections stay open and commands hang, like a
+        stalled host. Always ``resume()`` it (``stop()`` also ends a paused server)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Lets a paused server run again (SIGCONT)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -26,7 +26,10 @@ def round_trip(cache: tenuto.Cache, value: object) -> object:
     ("value", "expected"),
     [
         ((1, "a", (2, 3)), [1, "a", [2, 3]]),
-        ({1: "a", 2.5: "b", False: "c", None: "d"}, {"1": "a", "2.5": "b", "false": "c", "null": "d"}),
+        (
+            {1: "a", 2.5: "b", False: "c", None: "d"},
+            {"1": "a", "2.5": "b", "false": "c", "null": "d"},
+        ),
         ({"nested": [{"t": (1,)}]}, {"nested": [{"t": [1]}]}),
         (2**64 + 1, 2**64 + 1),
         (-(2**200), -(2**200)),

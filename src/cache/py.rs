@@ -584,6 +584,9 @@ fn envelopes_dict<'py>(
     Ok(out)
 }
 
+/// The keys of a `set_many` (as given) and their planned writes.
+type PlannedMany = (Vec<Py<PyAny>>, Vec<Write<PyObj>>);
+
 impl PyCache {
     fn plan_many(
         &self,
@@ -591,7 +594,7 @@ impl PyCache {
         mapping: &Bound<'_, PyAny>,
         ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(Vec<Py<PyAny>>, Vec<Write<PyObj>>)> {
+    ) -> PyResult<PlannedMany> {
         let ttl = ttl.ok_or_else(|| {
             PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
         })?;

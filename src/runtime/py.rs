@@ -161,7 +161,10 @@ enum Stage {
     /// Not awaited yet: nothing runs.
     Created(Start),
     /// Running on the runtime; awaiting the asyncio future that it will complete.
-    Running { waiter: Py<PyAny>, future: Py<PyAny> },
+    Running {
+        waiter: Py<PyAny>,
+        future: Py<PyAny>,
+    },
     Finished,
 }
 

@@ -680,6 +680,23 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         force: bool,
         blocking: bool,
     ) -> CoreResult<Begin<V, R>> {
+        self.begin_after(key, policy, decoder, force, blocking, None)
+            .await
+    }
+
+    /// `begin` for a caller that has just read memory: `seen` is the store generation it
+    /// read first and what it found. While the generation has not moved, that answer is
+    /// still current and memory is not read again.
+    pub async fn begin_after(
+        self: &Arc<Self>,
+        key: &str,
+        policy: &CallPolicy,
+        decoder: &dyn Decode<V>,
+        force: bool,
+        blocking: bool,
+        seen: Option<(u64, Option<Arc<Entry<V>>>)>,
+    ) -> CoreResult<Begin<V, R>> {
+        let mut seen = seen;
         loop {
             let guard = match self.loads.join(key) {
                 Joined::Leader(guard) => guard,
@@ -689,7 +706,13 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 },
             };
             return match self.route()? {
-                Route::Memory => Ok(self.begin_in_memory(key, guard, force)),
+                Route::Memory => {
+                    let prior = match seen.take() {
+                        Some((generation, entry)) if self.memory.generation() == generation => entry,
+                        _ => self.memory.get(key),
+                    };
+                    Ok(self.decide(key, guard, prior, None, force))
+                }
                 Route::Remote(remote) => {
                     self.begin_remote(key, guard, remote, policy, decoder, force)
                         .await

@@ -404,8 +404,8 @@ fn raise_shared(py: Python<'_>, error: &PyObj) -> PyErr {
 }
 
 impl PyCachedCall {
-    fn served_value(&self, py: Python<'_>, lookup: &PyLookup) -> PyResult<Py<PyAny>> {
-        let value = lookup.value(py);
+    fn served_value(&self, py: Python<'_>, served: &Served<PyObj>) -> PyResult<Py<PyAny>> {
+        let value = served.entry.value.get().clone_ref(py);
         if self.isolated {
             return Ok(deepcopy(value.bind(py))?.unbind());
         }
@@ -457,24 +457,28 @@ impl PyCachedCall {
         py: Python<'_>,
         ticket: PyTicketInner,
         value: &Bound<'_, PyAny>,
-    ) -> PyResult<PyLookup> {
+    ) -> PyResult<Served<PyObj>> {
         let write = match self.plan(&ticket, value) {
             Ok(write) => write,
             Err(err) => return self.fail_sync(py, ticket, err),
         };
         let remote = ticket.uses_remote();
-        let served = run_sync(py, remote, ticket.store(write))?;
-        lookup_of(py, &served)
+        Ok(run_sync(py, remote, ticket.store(write))?)
     }
 
-    fn fail_sync(&self, py: Python<'_>, ticket: PyTicketInner, err: PyErr) -> PyResult<PyLookup> {
+    fn fail_sync(
+        &self,
+        py: Python<'_>,
+        ticket: PyTicketInner,
+        err: PyErr,
+    ) -> PyResult<Served<PyObj>> {
         let exc = err.value(py).clone().into_any().unbind();
         let outcome = ticket.fail(crate::graveyard::Deferred::new(exc));
         release_pending(py);
         match outcome {
             Ok(served) => {
                 log::warn!(target: "tenuto::cached", "fetch for {} failed ({}); serving the stale value", self.name, err);
-                lookup_of(py, &served)
+                Ok(served)
             }
             Err(_) => Err(err),
         }
@@ -487,7 +491,7 @@ impl PyCachedCall {
         ticket: PyTicketInner,
         args: &Bound<'_, PyTuple>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<PyLookup> {
+    ) -> PyResult<Served<PyObj>> {
         match self.call_function(py, args, kwargs) {
             Ok(value) => self.store_sync(py, ticket, &value),
             // Exceptions are the load's outcome; BaseExceptions (KeyboardInterrupt,
@@ -500,14 +504,16 @@ impl PyCachedCall {
         }
     }
 
-    /// A sync call through the cache: serve, refresh in the background, or load.
+    /// A sync call through the cache: serve, refresh in the background, or load. `seen`:
+    /// the memory generation and entry the fast path read.
     fn resolve_sync(
         slf: &Bound<'_, Self>,
         key: &str,
         args: &Bound<'_, PyTuple>,
         kwargs: Option<&Bound<'_, PyDict>>,
         force: bool,
-    ) -> PyResult<PyLookup> {
+        seen: Option<(u64, Option<Arc<Entry<PyObj>>>)>,
+    ) -> PyResult<Served<PyObj>> {
         let this = slf.get();
         let py = slf.py();
         let engine = &this.cache.engine;
@@ -515,10 +521,10 @@ impl PyCachedCall {
         let begin = run_sync(
             py,
             remote,
-            engine.begin(key, &this.policy, &*this.decoder, force, true),
+            engine.begin_after(key, &this.policy, &*this.decoder, force, true, seen),
         )?;
-        let lookup = match begin {
-            Begin::Serve(served) => lookup_of(py, &served)?,
+        let served = match begin {
+            Begin::Serve(served) => served,
             Begin::Failed(failure) => return Err(raise_shared(py, failure.error())),
             Begin::Refresh(served, ticket) => {
                 let ticket = Py::new(py, PyTicket::new(slf, ticket))?;
@@ -526,15 +532,15 @@ impl PyCachedCall {
                 py.import("tenuto._cached")?
                     .getattr("submit_refresh")?
                     .call1((ticket, args, kwargs))?;
-                lookup_of(py, &served)?
+                served
             }
             Begin::Load(ticket) => {
                 ticket.claim_for_current_thread();
                 this.load_sync(py, ticket, args, kwargs)?
             }
         };
-        record_state(py, lookup.state)?;
-        Ok(lookup)
+        record_state(py, served.state)?;
+        Ok(served)
     }
 }
 
@@ -656,12 +662,11 @@ impl PyCachedCall {
             if !known {
                 this.remember(identity, Arc::clone(&key), entry.clone(), generation);
             }
-            if let Some(entry) = entry {
+            if let Some(entry) = &entry {
                 if entry.times.state(engine.now()) == State::Hit {
                     engine.count_hit();
                     record_state(py, State::Hit)?;
                     let mut value = entry.value.get().clone_ref(py);
-                    drop(entry);
                     release_pending(py);
                     if this.isolated {
                         value = deepcopy(value.bind(py))?.unbind();
@@ -676,14 +681,19 @@ impl PyCachedCall {
         } else if !known {
             this.remember(identity, Arc::clone(&key), None, 0);
         }
+        let entry_seen = entry;
         if this.is_async {
             let kwargs = kwargs.map_or_else(|| PyDict::new(py), |k| k.clone());
             return Ok(slf
                 .call_method1(intern!(py, "_aslow"), (&*key, args, kwargs))?
                 .unbind());
         }
-        let lookup = Self::resolve_sync(slf, &key, args, kwargs, false)?;
-        this.served_value(py, &lookup)
+        let seen = (engine.remote().is_none()).then_some((generation, entry_seen));
+        let served = Self::resolve_sync(slf, &key, args, kwargs, false, seen)?;
+        let value = this.served_value(py, &served);
+        drop(served);
+        release_pending(py);
+        value
     }
 
     /// A sync call through the cache, answered as a `Lookup` (`force`: load even when a
@@ -696,7 +706,8 @@ impl PyCachedCall {
         kwargs: Option<&Bound<'_, PyDict>>,
         force: bool,
     ) -> PyResult<PyLookup> {
-        Self::resolve_sync(slf, key, args, kwargs, force)
+        let served = Self::resolve_sync(slf, key, args, kwargs, force, None)?;
+        lookup_of(slf.py(), &served)
     }
 
     /// The start of an async call: an awaitable of `(lookup, ticket)`: a `Lookup` to
@@ -861,7 +872,7 @@ impl PyTicket {
         let write = match call.plan(&ticket, value) {
             Ok(write) => write,
             Err(err) => {
-                let lookup = call.fail_sync(py, ticket, err)?;
+                let lookup = lookup_of(py, &call.fail_sync(py, ticket, err)?)?;
                 return Ok(Bound::new(py, Ready::new(Py::new(py, lookup)?.into_any()))?.into_any());
             }
         };
@@ -882,7 +893,8 @@ impl PyTicket {
     ) -> PyResult<PyLookup> {
         let ticket = self.take()?;
         let err = PyErr::from_value(error.clone().into_any());
-        self.call.bind(py).get().fail_sync(py, ticket, err)
+        let served = self.call.bind(py).get().fail_sync(py, ticket, err)?;
+        lookup_of(py, &served)
     }
 
     /// Gives the duty up (cancelled): a waiter takes over, the lock is released.

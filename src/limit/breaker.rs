@@ -1,6 +1,11 @@
 //! Circuit breaker core (issue 5, first part): closed → open after `failures` consecutive
 //! failures; open calls are refused with the time left; after `reset_after` up to
 //! `half_open_max` probes go through, and the first probe's outcome closes or reopens it.
+//! `Circuit` adds the counters and the rule between a state shared through Redis and the
+//! local one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -126,6 +131,151 @@ impl Breaker {
     }
 }
 
+/// A step of the shared breaker state (see `limit::BREAKER_SCRIPT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    State,
+    Permit,
+    Success,
+    Failure,
+}
+
+impl Step {
+    fn op(self) -> &'static str {
+        match self {
+            Step::State => "state",
+            Step::Permit => "permit",
+            Step::Success => "success",
+            Step::Failure => "failure",
+        }
+    }
+}
+
+/// Redis's answer to a step, `{verdict, wait_ms}`; None when it did not answer (or was
+/// not asked): the local state decides then.
+pub type Reply = Option<(i64, i64)>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitCounts {
+    pub calls: u64,
+    pub failures: u64,
+    pub refused: u64,
+    pub opened: u64,
+}
+
+/// A breaker's local state, counters, and the rule between the shared state and the
+/// local one: every decision takes Redis's reply, so blocking and async callers (which
+/// only differ in how they wait for it) decide alike.
+pub struct Circuit {
+    name: String,
+    local: Mutex<Breaker>,
+    failures_to_open: u32,
+    reset_after_ms: i64,
+    half_open_max: u32,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    refused: AtomicU64,
+    opened: AtomicU64,
+}
+
+impl Circuit {
+    pub fn new(name: &str, breaker: Breaker) -> Self {
+        Self {
+            name: name.to_owned(),
+            failures_to_open: breaker.failures,
+            reset_after_ms: breaker.reset_after_ns / 1_000_000,
+            half_open_max: breaker.half_open_max,
+            local: Mutex::new(breaker),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn local(&self) -> MutexGuard<'_, Breaker> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared state's key and the script's arguments for `step`.
+    pub fn shared_step(&self, step: Step, probe: bool) -> (String, [String; 5]) {
+        (
+            format!("tenuto:breaker:{}", self.name),
+            [
+                step.op().to_owned(),
+                self.failures_to_open.to_string(),
+                self.reset_after_ms.to_string(),
+                self.half_open_max.to_string(),
+                u8::from(probe).to_string(),
+            ],
+        )
+    }
+
+    /// May a call go ahead at `now`, and is it a probe?
+    pub fn permit(&self, now: i64, reply: Reply) -> Permit {
+        let permit = match reply {
+            Some((0, wait_ms)) => Permit::Refused {
+                retry_after_ns: wait_ms * 1_000_000,
+            },
+            Some((verdict, _)) => Permit::Allowed {
+                probe: verdict == 2,
+            },
+            None => self.local().permit(now),
+        };
+        let counter = match permit {
+            Permit::Allowed { .. } => &self.calls,
+            Permit::Refused { .. } => &self.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        permit
+    }
+
+    /// A call succeeded (whatever Redis answered, the local state learns it: it decides
+    /// while Redis cannot).
+    pub fn success(&self, now: i64, probe: bool) {
+        self.local().record_success(now, probe);
+    }
+
+    /// A call failed: the shared state decided when Redis answered, else the local one.
+    pub fn failure(&self, now: i64, probe: bool, reply: Reply) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some((open, _)) = reply {
+            if open == 1 {
+                self.opened.fetch_add(u64::from(!probe), Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut local = self.local();
+        let was_open = local.state(now) != BreakerState::Closed;
+        local.record_failure(now, probe);
+        if !was_open && local.state(now) == BreakerState::Open {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn state(&self, now: i64, reply: Reply) -> BreakerState {
+        match reply {
+            Some((0, _)) => BreakerState::Closed,
+            Some((1, _)) => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+            None => self.local().state(now),
+        }
+    }
+
+    pub fn counts(&self) -> CircuitCounts {
+        CircuitCounts {
+            calls: self.calls.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            opened: self.opened.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +363,49 @@ mod tests {
             old.state(21 * S),
             BreakerState::Closed,
             "old failures left the window"
+        );
+    }
+
+    #[test]
+    fn circuit_follows_redis_when_it_answers_and_its_own_state_otherwise() {
+        let c = Circuit::new("up", Breaker::new(2, 30 * S, 1));
+        assert_eq!(
+            c.shared_step(Step::Failure, true),
+            (
+                "tenuto:breaker:up".to_owned(),
+                ["failure", "2", "30000", "1", "1"].map(str::to_owned)
+            )
+        );
+        assert_eq!(
+            c.permit(0, Some((0, 1500))),
+            Permit::Refused {
+                retry_after_ns: 1500 * 1_000_000
+            }
+        );
+        assert_eq!(c.permit(0, Some((2, 0))), Permit::Allowed { probe: true });
+        c.failure(0, false, Some((1, 0)));
+        c.failure(0, false, Some((1, 0)));
+        assert_eq!(c.state(0, None), BreakerState::Closed, "Redis decided");
+        assert_eq!(c.state(0, Some((1, 0))), BreakerState::Open);
+        c.failure(0, false, None);
+        c.failure(0, false, None);
+        assert_eq!(c.state(0, None), BreakerState::Open, "no answer: local");
+        assert_eq!(
+            c.permit(S, None),
+            Permit::Refused {
+                retry_after_ns: 29 * S
+            }
+        );
+        c.success(S, false);
+        assert_eq!(c.permit(S, None), Permit::Allowed { probe: false });
+        assert_eq!(
+            c.counts(),
+            CircuitCounts {
+                calls: 2,
+                failures: 4,
+                refused: 2,
+                opened: 3
+            }
         );
     }
 }

@@ -10,12 +10,15 @@
 //! - `Spacing` (GCRA with a tolerance) spreads admissions: at least `interval` apart on
 //!   average, at most `burst` back to back. Outbound limiters use both.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 pub mod breaker;
 #[cfg(feature = "python")]
 pub mod py;
 
+use crate::cache::redis::{SharedDecision, StoreError};
 use crate::error::{CoreError, CoreResult};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
@@ -346,6 +349,325 @@ impl Admission {
     }
 }
 
+/// How a limiter admits: spread out (outbound), or up to N back to back (inbound).
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    Outbound { min_interval_ns: i64, burst: u32 },
+    Inbound,
+}
+
+struct Limits {
+    global: Admission,
+    per_key: HashMap<String, (Admission, i64)>,
+    /// Adaptive share of the configured rate (1.0 = all of it).
+    factor: f64,
+    /// Consecutive 429s, for the exponential pause when no Retry-After is given.
+    throttled: u32,
+}
+
+/// What one attempt asks the shared limit (see `REDIS_SCRIPT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedAttempt {
+    pub keys: [String; 3],
+    /// count, period_us, interval_us, tolerance_us.
+    pub args: [i64; 4],
+    pub member: String,
+}
+
+/// A shared concurrency lease's fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    Taken(String),
+    /// Every lease is in use (or Redis is down and the limiter fails closed): try later.
+    Busy,
+    /// Nothing to give back: Redis was not asked, or could not answer and the limiter
+    /// fails open.
+    Unchecked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LimiterCounts {
+    pub admitted: u64,
+    pub refused: u64,
+    pub throttle_events: u64,
+    pub admitted_unchecked: u64,
+    pub rate_factor: f64,
+    pub keys: usize,
+}
+
+/// A rate limit's state and every decision it makes: in process on the times the caller
+/// passes (its clock), or shared on what Redis answered. Waiting for Redis is the
+/// caller's business (blocking or async), so both take the same decisions.
+pub struct Limiter {
+    rate: Rate,
+    mode: Mode,
+    name: String,
+    max_keys: usize,
+    fail_open: bool,
+    limits: Mutex<Limits>,
+    paused_until: AtomicI64,
+    admitted: AtomicU64,
+    refused: AtomicU64,
+    throttle_events: AtomicU64,
+    admitted_unchecked: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Limiter {
+    pub fn new(rate: Rate, mode: Mode, name: &str, max_keys: usize, fail_open: bool) -> Self {
+        let global = fresh_admission(rate, mode);
+        Self {
+            rate,
+            mode,
+            name: name.to_owned(),
+            max_keys: max_keys.max(1),
+            fail_open,
+            limits: Mutex::new(Limits {
+                global,
+                per_key: HashMap::new(),
+                factor: 1.0,
+                throttled: 0,
+            }),
+            paused_until: AtomicI64::new(i64::MIN),
+            admitted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            throttle_events: AtomicU64::new(0),
+            admitted_unchecked: AtomicU64::new(0),
+        }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `"80/60s"`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}/{}s",
+            self.rate.count,
+            self.rate.period_ns as f64 / NANOS_PER_SEC as f64
+        )
+    }
+
+    fn min_interval(&self) -> i64 {
+        match self.mode {
+            Mode::Outbound {
+                min_interval_ns, ..
+            } => min_interval_ns,
+            Mode::Inbound => 0,
+        }
+    }
+
+    fn count(&self, admitted: bool) {
+        let counter = if admitted {
+            &self.admitted
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One in-process admission attempt at `now`: Ok, or nanoseconds to wait.
+    pub fn attempt(&self, now: i64, key: Option<&str>) -> Result<(), i64> {
+        let paused = self.paused_until.load(Ordering::Acquire);
+        if now < paused {
+            return Err(paused - now);
+        }
+        let mut limits = lock(&self.limits);
+        let factor = limits.factor;
+        let result = match key {
+            None => limits.global.try_admit(now),
+            Some(key) => {
+                if !limits.per_key.contains_key(key) && limits.per_key.len() >= self.max_keys {
+                    // Bounded memory: forget keys idle for a whole period, else the oldest half.
+                    let period = self.rate.period_ns;
+                    limits.per_key.retain(|_, (_, last)| *last + period > now);
+                    if limits.per_key.len() >= self.max_keys {
+                        let mut ages: Vec<i64> =
+                            limits.per_key.values().map(|(_, last)| *last).collect();
+                        ages.sort_unstable();
+                        let cutoff = ages[ages.len() / 2];
+                        limits.per_key.retain(|_, (_, last)| *last > cutoff);
+                    }
+                }
+                let fresh = || {
+                    let mut a = fresh_admission(self.rate, self.mode);
+                    a.scale(self.rate, self.min_interval(), factor);
+                    (a, now)
+                };
+                let entry = limits.per_key.entry(key.to_owned()).or_insert_with(fresh);
+                entry.1 = now;
+                entry.0.try_admit(now)
+            }
+        };
+        drop(limits);
+        self.count(result.is_ok());
+        result
+    }
+
+    /// `(limit, remaining, ns until a slot frees)` of the in-process window.
+    pub fn window(&self, now: i64, key: Option<&str>) -> (u32, u32, i64) {
+        let limits = lock(&self.limits);
+        match key {
+            None => limits.global.window(now),
+            Some(k) => limits
+                .per_key
+                .get(k)
+                .map_or((self.rate.count, self.rate.count, 0), |(a, _)| {
+                    a.window(now)
+                }),
+        }
+    }
+
+    fn shared_base(&self, key: Option<&str>) -> String {
+        match key {
+            None => format!("tenuto:limit:{}", self.name),
+            Some(k) => format!("tenuto:limit:{}:{k}", self.name),
+        }
+    }
+
+    /// The key of the pause everyone sharing the limit honours.
+    pub fn pause_key(&self) -> String {
+        format!("tenuto:limit:{}:pause", self.name)
+    }
+
+    /// The key of the shared concurrency leases.
+    pub fn lease_key(&self) -> String {
+        format!("tenuto:limit:{}:leases", self.name)
+    }
+
+    /// What one attempt asks the shared limit: this limiter's rule at its current factor.
+    pub fn shared_attempt(&self, key: Option<&str>, member: String) -> SharedAttempt {
+        let factor = lock(&self.limits).factor;
+        let count = ((f64::from(self.rate.count) * factor).floor() as i64).max(1);
+        let period_us = self.rate.period_ns / 1000;
+        let (interval_us, tolerance_us) = match self.mode {
+            Mode::Outbound {
+                min_interval_ns,
+                burst,
+            } => {
+                let interval =
+                    (self.rate.interval_ns().max(min_interval_ns) as f64 / factor / 1000.0).round()
+                        as i64;
+                (interval.max(1), interval.max(1) * i64::from(burst - 1))
+            }
+            Mode::Inbound => (0, 0),
+        };
+        let base = self.shared_base(key);
+        SharedAttempt {
+            keys: [
+                format!("{base}:log"),
+                format!("{base}:tat"),
+                self.pause_key(),
+            ],
+            args: [count, period_us, interval_us, tolerance_us],
+            member,
+        }
+    }
+
+    /// The decision on the shared limit's answer: Ok or nanoseconds to wait. Redis did not
+    /// answer: admit when failing open (counted apart), else refuse for a second.
+    pub fn shared_outcome(&self, reply: &Result<SharedDecision, StoreError>) -> Result<(), i64> {
+        let outcome = match reply {
+            Ok(d) if d.admitted => Ok(()),
+            Ok(d) => Err(d.wait_us.max(1) * 1000),
+            Err(_) if self.fail_open => {
+                self.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => Err(NANOS_PER_SEC),
+        };
+        self.count(outcome.is_ok());
+        outcome
+    }
+
+    /// A shared lease's fate from Redis's answer.
+    pub fn lease_outcome(&self, reply: Result<bool, StoreError>, token: String) -> Lease {
+        match reply {
+            Ok(true) => Lease::Taken(token),
+            Ok(false) => Lease::Busy,
+            Err(_) if self.fail_open => Lease::Unchecked,
+            Err(_) => Lease::Busy,
+        }
+    }
+
+    /// Adaptive limits: a 429 (or 503) pauses everyone until `retry_after_ns` from `now`
+    /// (else an exponential pause) and halves the rate; a 2xx/3xx restores it by a tenth
+    /// of the configured rate at a time. Returns the pause to share (ms), if any.
+    pub fn feedback(&self, now: i64, status: u16, retry_after_ns: Option<i64>) -> Option<i64> {
+        let pause = {
+            let mut limits = lock(&self.limits);
+            if status == 429 || status == 503 {
+                limits.throttled += 1;
+                let backoff = self
+                    .rate
+                    .interval_ns()
+                    .saturating_mul(1 << limits.throttled.min(16));
+                let pause = retry_after_ns.unwrap_or(backoff.min(self.rate.period_ns));
+                let factor = (limits.factor * 0.5).max(0.05);
+                self.rescale(&mut limits, factor);
+                pause
+            } else {
+                if (200..400).contains(&status) {
+                    limits.throttled = 0;
+                    if limits.factor < 1.0 {
+                        // Rounded to hundredths, so ten steps of 0.1 land on exactly 1.0.
+                        let factor = (((limits.factor + 0.1) * 100.0).round() / 100.0).min(1.0);
+                        self.rescale(&mut limits, factor);
+                    }
+                }
+                return None;
+            }
+        };
+        self.throttle_events.fetch_add(1, Ordering::Relaxed);
+        self.paused_until.fetch_max(now + pause, Ordering::AcqRel);
+        Some((pause / 1_000_000).max(1))
+    }
+
+    fn rescale(&self, limits: &mut Limits, factor: f64) {
+        limits.factor = factor;
+        let (rate, min_interval) = (self.rate, self.min_interval());
+        limits.global.scale(rate, min_interval, factor);
+        for (admission, _) in limits.per_key.values_mut() {
+            admission.scale(rate, min_interval, factor);
+        }
+    }
+
+    /// Nanoseconds left of the in-process pause at `now`.
+    pub fn paused_for(&self, now: i64) -> i64 {
+        (self.paused_until.load(Ordering::Acquire) - now).max(0)
+    }
+
+    pub fn counts(&self) -> LimiterCounts {
+        let limits = lock(&self.limits);
+        LimiterCounts {
+            admitted: self.admitted.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            throttle_events: self.throttle_events.load(Ordering::Relaxed),
+            admitted_unchecked: self.admitted_unchecked.load(Ordering::Relaxed),
+            rate_factor: limits.factor,
+            keys: limits.per_key.len(),
+        }
+    }
+}
+
+fn fresh_admission(rate: Rate, mode: Mode) -> Admission {
+    match mode {
+        Mode::Outbound {
+            min_interval_ns,
+            burst,
+        } => Admission::outbound(rate, min_interval_ns, burst),
+        Mode::Inbound => Admission::inbound(rate),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +809,75 @@ mod tests {
             let times = hammer(Admission::outbound(rate, 0, burst), 60 * S, 100_000);
             assert!(worst_window(&times, 60 * S) <= 80, "burst {burst}");
         }
+    }
+
+    fn decision(admitted: bool, wait_us: i64) -> Result<SharedDecision, StoreError> {
+        Ok(SharedDecision {
+            admitted,
+            wait_us,
+            now_us: 0,
+            used: 1,
+            reset_us: 0,
+        })
+    }
+
+    #[test]
+    fn shared_decisions_and_failing_open_or_closed() {
+        let rate = Rate::parse("80/minute").unwrap();
+        let outbound = Mode::Outbound {
+            min_interval_ns: 0,
+            burst: 2,
+        };
+        let open = Limiter::new(rate, outbound, "up", 10, true);
+        let ask = open.shared_attempt(Some("k"), "m".into());
+        assert_eq!(
+            ask.keys,
+            [
+                "tenuto:limit:up:k:log",
+                "tenuto:limit:up:k:tat",
+                "tenuto:limit:up:pause"
+            ]
+            .map(str::to_owned)
+        );
+        assert_eq!(ask.args, [80, 60_000_000, 750_000, 750_000]);
+        assert_eq!(open.shared_outcome(&decision(true, 0)), Ok(()));
+        assert_eq!(
+            open.shared_outcome(&decision(false, 0)),
+            Err(1000),
+            "never 0"
+        );
+        let down = Err(StoreError::Unavailable("timed out".into()));
+        assert_eq!(open.shared_outcome(&down), Ok(()), "fails open");
+        let counts = open.counts();
+        assert_eq!(
+            (counts.admitted, counts.refused, counts.admitted_unchecked),
+            (2, 1, 1)
+        );
+        assert_eq!(
+            open.lease_outcome(Err(StoreError::Command("x".into())), "t".into()),
+            Lease::Unchecked
+        );
+        let closed = Limiter::new(rate, Mode::Inbound, "up", 10, false);
+        assert_eq!(closed.shared_outcome(&down), Err(S), "a second");
+        assert_eq!(
+            closed.lease_outcome(Ok(true), "t".into()),
+            Lease::Taken("t".into())
+        );
+        assert_eq!(
+            closed.lease_outcome(down.map(|_| true), "t".into()),
+            Lease::Busy
+        );
+    }
+
+    #[test]
+    fn feedback_pauses_and_slows_the_shared_rule_too() {
+        let rate = Rate::parse("80/minute").unwrap();
+        let lim = Limiter::new(rate, Mode::Inbound, "up", 10, true);
+        assert_eq!(lim.feedback(0, 200, None), None);
+        assert_eq!(lim.feedback(0, 429, Some(30 * S)), Some(30_000));
+        assert_eq!(lim.attempt(S, None), Err(29 * S));
+        assert_eq!(lim.paused_for(S), 29 * S);
+        assert_eq!(lim.shared_attempt(None, "m".into()).args[0], 40, "halved");
+        assert_eq!(lim.counts().throttle_events, 1);
     }
 }

@@ -1,24 +1,25 @@
-//! `RateLimiterCore` and `CircuitBreakerCore`: in-process limits over the pure cores, on
-//! the object's clock. `tenuto.RateLimiter` / `tenuto.CircuitBreaker` (Python) add the
-//! context managers and decorators.
+//! `RateLimiterCore` and `CircuitBreakerCore`: bindings over `Limiter` and `Circuit`,
+//! which take every decision. These convert, read the object's clock, and wait for Redis:
+//! blocking paths with the GIL released, async twins (`_a…`) on tenuto's runtime, never on
+//! the event loop. `tenuto.RateLimiter` / `tenuto.CircuitBreaker` (Python) add the context
+//! managers and decorators.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use pyo3::IntoPyObjectExt;
 
-use std::sync::Arc;
-
-use super::breaker::{Breaker, BreakerState, FailureRate, Permit};
-use super::{Admission, Rate};
+use super::breaker::{Breaker, BreakerState, Circuit, FailureRate, Permit, Reply, Step};
+use super::{Lease, Limiter, Mode, Rate};
 use crate::cache::redis::{RedisConfig, RedisStore, SharedDecision, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
 use crate::error::py::TenutoError;
-use crate::runtime::py::{get_running_loop, resolve_soon};
+use crate::runtime::py::{get_running_loop, resolve_soon, spawn_for_asyncio, Ready};
 
 create_exception!(
     tenuto._core,
@@ -53,19 +54,86 @@ fn seconds_to_nanos(name: &str, seconds: f64) -> PyResult<i64> {
     Ok((seconds * NANOS).round() as i64)
 }
 
-#[derive(Clone, Copy)]
-enum Mode {
-    Outbound { min_interval_ns: i64, burst: u32 },
-    Inbound,
+/// Waits for Redis on tenuto's runtime with the GIL released: the blocking paths.
+fn wait<F>(py: Python<'_>, future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    py.detach(move || crate::runtime::block_on(future))
 }
 
-struct Limits {
-    global: Admission,
-    per_key: HashMap<String, (Admission, i64)>,
-    /// Adaptive share of the configured rate (1.0 = all of it).
-    factor: f64,
-    /// Consecutive 429s, for the exponential pause when no Retry-After is given.
-    throttled: u32,
+/// An awaitable that is already complete: no event-loop round trip.
+fn ready<'py, T: IntoPyObject<'py>>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+    Ok(Bound::new(py, Ready::new(value.into_py_any(py)?))?.into_any())
+}
+
+/// The awaitable of a step whose Rust work must finish even if the awaiting task is
+/// cancelled (giving a lease back, reporting an outcome): it starts on the runtime at
+/// once, and the awaitable only waits for it (a cancelled wait leaves it running).
+fn detached<'py, F>(py: Python<'py>, work: F) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let task = crate::runtime::handle().spawn(work);
+    spawn_for_asyncio(
+        py,
+        async move {
+            let _ = task.await;
+        },
+        |py, ()| Ok(py.None()),
+    )
+}
+
+/// Redis to wait for; None without one, or while it is marked down (it would answer
+/// `Unavailable` at once, so an async twin decides without a loop round trip).
+fn reachable(shared: &Option<Arc<RedisStore>>) -> Option<Arc<RedisStore>> {
+    shared.as_ref().filter(|r| !r.is_down()).cloned()
+}
+
+fn down(redis: &RedisStore) -> StoreError {
+    StoreError::Unavailable(redis.last_error())
+}
+
+/// `(admitted, retry_after_seconds)`.
+fn admission(outcome: Result<(), i64>) -> (bool, f64) {
+    match outcome {
+        Ok(()) => (true, 0.0),
+        Err(wait) => (false, wait as f64 / NANOS),
+    }
+}
+
+/// A lease token for Python: the token, None when every lease is in use, "" for nothing
+/// to give back.
+fn lease_token(lease: Lease) -> Option<String> {
+    match lease {
+        Lease::Taken(token) => Some(token),
+        Lease::Busy => None,
+        Lease::Unchecked => Some(String::new()),
+    }
+}
+
+/// Gives a lease back unless disarmed: an async lease request whose awaiting task was
+/// cancelled may still have taken it on the server.
+struct LeaseGuard {
+    armed: Option<(Arc<RedisStore>, String, String)>,
+}
+
+impl LeaseGuard {
+    /// The answer arrived: whoever awaits it owns the lease now.
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some((redis, key, token)) = self.armed.take() {
+            crate::runtime::handle().spawn(async move {
+                let _ = redis.unlease(key, token).await;
+            });
+        }
+    }
 }
 
 /// In-flight slots shared by threads (condvar) and asyncio tasks (futures woken on release).
@@ -79,189 +147,56 @@ struct Slots {
 /// Rate limit state and rules; see `tenuto.RateLimiter`.
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "RateLimiterCore")]
 pub struct PyRateLimiter {
-    rate: Rate,
-    mode: Mode,
-    name: String,
-    max_keys: usize,
+    core: Arc<Limiter>,
     clock: PyClock,
-    limits: Mutex<Limits>,
-    paused_until: AtomicI64,
     slots: Option<Slots>,
-    admitted: AtomicU64,
-    refused: AtomicU64,
-    throttle_events: AtomicU64,
     /// Shared through Redis: every process and host using the same `name` and URL.
     shared: Option<Arc<RedisStore>>,
-    fail_open: bool,
-    admitted_unchecked: AtomicU64,
     lease_ttl_ms: i64,
 }
 
 impl PyRateLimiter {
-    fn shared_keys(&self, key: Option<&str>) -> [String; 3] {
-        let base = match key {
-            None => format!("tenuto:limit:{}", self.name),
-            Some(k) => format!("tenuto:limit:{}:{k}", self.name),
-        };
-        [
-            format!("{base}:log"),
-            format!("{base}:tat"),
-            format!("tenuto:limit:{}:pause", self.name),
-        ]
+    /// One attempt's question to the shared limit.
+    fn ask_shared(
+        &self,
+        redis: Arc<RedisStore>,
+        key: Option<&str>,
+    ) -> impl Future<Output = Result<SharedDecision, StoreError>> + Send + 'static {
+        let ask = self
+            .core
+            .shared_attempt(key, crate::runtime::unique_token());
+        async move { redis.limit_attempt(ask.keys, ask.args, ask.member).await }
     }
 
-    /// One attempt against the shared (Redis) limit, GIL released. Redis down: admit when
-    /// failing open (counted), else refuse for a second.
+    /// One blocking attempt against the shared limit: the decision, and what Redis said
+    /// (None when it did not answer).
     fn attempt_shared(
         &self,
         py: Python<'_>,
         redis: &Arc<RedisStore>,
         key: Option<&str>,
-    ) -> Result<(), i64> {
-        self.attempt_shared_at(py, redis, key).0
-    }
-
-    /// Also returns what Redis said (None when it did not answer).
-    fn attempt_shared_at(
-        &self,
-        py: Python<'_>,
-        redis: &Arc<RedisStore>,
-        key: Option<&str>,
     ) -> (Result<(), i64>, Option<SharedDecision>) {
-        let factor = lock(&self.limits).factor;
-        let count = ((f64::from(self.rate.count) * factor).floor() as i64).max(1);
-        let period_us = self.rate.period_ns / 1000;
-        let (interval_us, tolerance_us) = match self.mode {
-            Mode::Outbound {
-                min_interval_ns,
-                burst,
-            } => {
-                let interval =
-                    (self.rate.interval_ns().max(min_interval_ns) as f64 / factor / 1000.0).round()
-                        as i64;
-                (interval.max(1), interval.max(1) * i64::from(burst - 1))
-            }
-            Mode::Inbound => (0, 0),
-        };
-        let keys = self.shared_keys(key);
-        let member = crate::runtime::unique_token();
-        let redis = Arc::clone(redis);
-        let result = py.detach(move || {
-            crate::runtime::block_on(redis.limit_attempt(
-                keys,
-                [count, period_us, interval_us, tolerance_us],
-                member,
-            ))
-        });
-        let decision = result.as_ref().ok().copied();
-        let outcome = match result {
-            Ok(d) if d.admitted => Ok(()),
-            Ok(d) => Err(d.wait_us.max(1) * 1000),
-            Err(StoreError::Unavailable(_)) | Err(StoreError::Command(_)) if self.fail_open => {
-                self.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(_) => Err(1_000_000_000),
-        };
-        let counter = if outcome.is_ok() {
-            &self.admitted
-        } else {
-            &self.refused
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        (outcome, decision)
-    }
-
-    /// `(limit, remaining, ns until a slot frees)` of the in-process window.
-    fn local_window(&self, now: i64, key: Option<&str>) -> (u32, u32, i64) {
-        let limits = lock(&self.limits);
-        match key {
-            None => limits.global.window(now),
-            Some(k) => limits
-                .per_key
-                .get(k)
-                .map_or((self.rate.count, self.rate.count, 0), |(a, _)| {
-                    a.window(now)
-                }),
-        }
+        let reply = wait(py, self.ask_shared(Arc::clone(redis), key));
+        (self.core.shared_outcome(&reply), reply.ok())
     }
 
     /// An attempt by the right rule set: shared when a URL was given, else in process.
     fn attempt_any(&self, py: Python<'_>, key: Option<&str>) -> PyResult<Result<(), i64>> {
         match &self.shared {
-            Some(redis) => Ok(self.attempt_shared(py, redis, key)),
-            None => Ok(self.attempt(self.clock.now_nanos(py)?, key)),
-        }
-    }
-    fn fresh(&self) -> Admission {
-        match self.mode {
-            Mode::Outbound {
-                min_interval_ns,
-                burst,
-            } => Admission::outbound(self.rate, min_interval_ns, burst),
-            Mode::Inbound => Admission::inbound(self.rate),
+            Some(redis) => Ok(self.attempt_shared(py, redis, key).0),
+            None => Ok(self.core.attempt(self.clock.now_nanos(py)?, key)),
         }
     }
 
-    fn min_interval(&self) -> i64 {
-        match self.mode {
-            Mode::Outbound {
-                min_interval_ns, ..
-            } => min_interval_ns,
-            Mode::Inbound => 0,
-        }
-    }
-
-    /// One admission attempt at `now`: Ok, or nanoseconds to wait.
-    fn attempt(&self, now: i64, key: Option<&str>) -> Result<(), i64> {
-        let paused = self.paused_until.load(Ordering::Acquire);
-        if now < paused {
-            return Err(paused - now);
-        }
-        let mut limits = lock(&self.limits);
-        let factor = limits.factor;
-        let result = match key {
-            None => limits.global.try_admit(now),
-            Some(key) => {
-                if !limits.per_key.contains_key(key) && limits.per_key.len() >= self.max_keys {
-                    // Bounded memory: forget keys idle for a whole period, else the oldest half.
-                    let period = self.rate.period_ns;
-                    limits.per_key.retain(|_, (_, last)| *last + period > now);
-                    if limits.per_key.len() >= self.max_keys {
-                        let mut ages: Vec<i64> =
-                            limits.per_key.values().map(|(_, last)| *last).collect();
-                        ages.sort_unstable();
-                        let cutoff = ages[ages.len() / 2];
-                        limits.per_key.retain(|_, (_, last)| *last > cutoff);
-                    }
-                }
-                let fresh = || {
-                    let mut a = self.fresh();
-                    a.scale(self.rate, self.min_interval(), factor);
-                    (a, now)
-                };
-                let entry = limits.per_key.entry(key.to_owned()).or_insert_with(fresh);
-                entry.1 = now;
-                entry.0.try_admit(now)
-            }
-        };
-        drop(limits);
-        let counter = if result.is_ok() {
-            &self.admitted
-        } else {
-            &self.refused
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        result
-    }
-
-    fn rescale(&self, limits: &mut Limits, factor: f64) {
-        limits.factor = factor;
-        let (rate, min_interval) = (self.rate, self.min_interval());
-        limits.global.scale(rate, min_interval, factor);
-        for (admission, _) in limits.per_key.values_mut() {
-            admission.scale(rate, min_interval, factor);
-        }
+    /// What a shared lease request needs: None when there is nothing to lease.
+    fn lease_request(&self) -> Option<(Arc<RedisStore>, String, i64, String)> {
+        let (redis, slots) = (self.shared.as_ref()?, self.slots.as_ref()?);
+        Some((
+            Arc::clone(redis),
+            self.core.lease_key(),
+            slots.max as i64,
+            crate::runtime::unique_token(),
+        ))
     }
 }
 
@@ -331,42 +266,42 @@ impl PyRateLimiter {
         if max_keys < 1 {
             return Err(PyValueError::new_err("max_keys must be at least 1"));
         }
-        let mut limiter = Self {
-            rate,
-            mode,
-            name: name.to_owned(),
-            max_keys: max_keys as usize,
+        Ok(Self {
+            core: Arc::new(Limiter::new(rate, mode, name, max_keys as usize, fail_open)),
             clock: PyClock::from_arg(clock)?,
-            limits: Mutex::new(Limits {
-                global: Admission::inbound(rate),
-                per_key: HashMap::new(),
-                factor: 1.0,
-                throttled: 0,
-            }),
-            paused_until: AtomicI64::new(i64::MIN),
             slots,
-            admitted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            throttle_events: AtomicU64::new(0),
             shared,
-            fail_open,
-            admitted_unchecked: AtomicU64::new(0),
             lease_ttl_ms: (seconds_to_nanos("lease_ttl", lease_ttl)? / 1_000_000).max(1),
-        };
-        limiter
-            .limits
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .global = limiter.fresh();
-        Ok(limiter)
+        })
     }
 
     /// `(admitted, retry_after_seconds)`, never waiting. `key` limits per client.
     #[pyo3(signature = (key = None))]
     fn try_acquire(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64)> {
-        Ok(match self.attempt_any(py, key)? {
-            Ok(()) => (true, 0.0),
-            Err(wait) => (false, wait as f64 / NANOS),
+        Ok(admission(self.attempt_any(py, key)?))
+    }
+
+    /// `try_acquire` as an awaitable: Redis is waited for on tenuto's runtime (cancelling
+    /// the awaiting task stops the wait); in process it is already complete.
+    #[pyo3(signature = (key = None))]
+    fn _atry_acquire<'py>(
+        &self,
+        py: Python<'py>,
+        key: Option<&str>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let Some(shared) = &self.shared else {
+            return ready(
+                py,
+                admission(self.core.attempt(self.clock.now_nanos(py)?, key)),
+            );
+        };
+        let Some(redis) = reachable(&self.shared) else {
+            return ready(py, admission(self.core.shared_outcome(&Err(down(shared)))));
+        };
+        let core = Arc::clone(&self.core);
+        spawn_for_asyncio(py, self.ask_shared(redis, key), move |py, reply| {
+            let value = admission(core.shared_outcome(&reply));
+            value.into_py_any(py)
         })
     }
 
@@ -376,7 +311,7 @@ impl PyRateLimiter {
     fn _try_acquire_at(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64, f64)> {
         let (outcome, at) = match &self.shared {
             Some(redis) => {
-                let (outcome, decision) = self.attempt_shared_at(py, redis, key);
+                let (outcome, decision) = self.attempt_shared(py, redis, key);
                 (
                     outcome,
                     decision.map_or(0, |d| d.now_us.saturating_mul(1000)),
@@ -384,23 +319,21 @@ impl PyRateLimiter {
             }
             None => {
                 let now = self.clock.now_nanos(py)?;
-                (self.attempt(now, key), now)
+                (self.core.attempt(now, key), now)
             }
         };
-        Ok(match outcome {
-            Ok(()) => (true, 0.0, at as f64 / NANOS),
-            Err(wait) => (false, wait as f64 / NANOS, at as f64 / NANOS),
-        })
+        let (ok, retry_after) = admission(outcome);
+        Ok((ok, retry_after, at as f64 / NANOS))
     }
 
     /// One attempt with what RateLimit-* headers need, from the same decision:
     /// `(admitted, retry_after, limit, remaining, reset_seconds)`.
     #[pyo3(signature = (key = None))]
     fn decide(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(bool, f64, u32, u32, f64)> {
-        let limit = self.rate.count;
+        let limit = self.core.rate().count;
         let (outcome, remaining, reset_ns) = match &self.shared {
             Some(redis) => {
-                let (outcome, decision) = self.attempt_shared_at(py, redis, key);
+                let (outcome, decision) = self.attempt_shared(py, redis, key);
                 let (remaining, reset) = decision.map_or((0, 0), |d| {
                     (limit.saturating_sub(d.used), d.reset_us * 1000)
                 });
@@ -408,20 +341,13 @@ impl PyRateLimiter {
             }
             None => {
                 let now = self.clock.now_nanos(py)?;
-                let outcome = self.attempt(now, key);
-                let (_, remaining, reset) = self.local_window(now, key);
+                let outcome = self.core.attempt(now, key);
+                let (_, remaining, reset) = self.core.window(now, key);
                 (outcome, remaining, reset)
             }
         };
-        let admitted = outcome.is_ok();
-        let retry_after = outcome.err().map_or(0.0, |w| w as f64 / NANOS);
-        Ok((
-            admitted,
-            retry_after,
-            limit,
-            remaining,
-            reset_ns as f64 / NANOS,
-        ))
+        let (ok, retry_after) = admission(outcome);
+        Ok((ok, retry_after, limit, remaining, reset_ns as f64 / NANOS))
     }
 
     /// Waits (GIL released) until admitted; raises `RateLimited` when that would take
@@ -443,8 +369,8 @@ impl PyRateLimiter {
                 if now + wait > deadline {
                     let err = RateLimited::new_err(format!(
                         "rate limit {:?} ({}): retry in {:.3} s",
-                        self.name,
-                        self.describe(),
+                        self.core.name(),
+                        self.core.describe(),
                         wait as f64 / NANOS
                     ));
                     return Err(with_retry_after(py, err, wait as f64 / NANOS));
@@ -514,18 +440,40 @@ impl PyRateLimiter {
     /// and `max_concurrency`): its token, None when all are taken; "" when there is
     /// nothing to lease, or Redis cannot be asked and the limiter fails open.
     fn _lease(&self, py: Python<'_>) -> Option<String> {
-        let (Some(redis), Some(slots)) = (self.shared.clone(), &self.slots) else {
+        let Some((redis, key, max, token)) = self.lease_request() else {
             return Some(String::new());
         };
-        let key = format!("tenuto:limit:{}:leases", self.name);
-        let token = crate::runtime::unique_token();
-        let (max, ttl, lease_token) = (slots.max as i64, self.lease_ttl_ms, token.clone());
-        match py.detach(move || crate::runtime::block_on(redis.lease(key, max, ttl, lease_token))) {
-            Ok(true) => Some(token),
-            Ok(false) => None,
-            Err(_) if self.fail_open => Some(String::new()),
-            Err(_) => None,
+        let (ttl, asked) = (self.lease_ttl_ms, token.clone());
+        let reply = wait(py, async move { redis.lease(key, max, ttl, asked).await });
+        lease_token(self.core.lease_outcome(reply, token))
+    }
+
+    /// `_lease` as an awaitable. A cancelled wait gives back the lease the server may
+    /// still take.
+    fn _alease<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let Some((redis, key, max, token)) = self.lease_request() else {
+            return ready(py, "");
+        };
+        let core = Arc::clone(&self.core);
+        if redis.is_down() {
+            return ready(
+                py,
+                lease_token(core.lease_outcome(Err(down(&redis)), token)),
+            );
         }
+        let ttl = self.lease_ttl_ms;
+        let mut guard = LeaseGuard {
+            armed: Some((Arc::clone(&redis), key.clone(), token.clone())),
+        };
+        let work = async move {
+            let reply = redis.lease(key, max, ttl, token.clone()).await;
+            guard.disarm();
+            (reply, token)
+        };
+        spawn_for_asyncio(py, work, move |py, (reply, token)| {
+            let value = lease_token(core.lease_outcome(reply, token));
+            value.into_py_any(py)
+        })
     }
 
     /// Gives back a shared lease ("" is no lease).
@@ -533,12 +481,20 @@ impl PyRateLimiter {
         let Some(redis) = self.shared.clone().filter(|_| !token.is_empty()) else {
             return;
         };
-        let (key, token) = (
-            format!("tenuto:limit:{}:leases", self.name),
-            token.to_owned(),
-        );
+        let (key, token) = (self.core.lease_key(), token.to_owned());
         // A lost release only keeps the lease until its TTL runs out.
-        let _ = py.detach(move || crate::runtime::block_on(redis.unlease(key, token)));
+        let _ = wait(py, async move { redis.unlease(key, token).await });
+    }
+
+    /// `_unlease` as an awaitable; the release goes through even if the wait is cancelled.
+    fn _aunlease<'py>(&self, py: Python<'py>, token: &str) -> PyResult<Bound<'py, PyAny>> {
+        let Some(redis) = reachable(&self.shared).filter(|_| !token.is_empty()) else {
+            return ready(py, py.None());
+        };
+        let (key, token) = (self.core.lease_key(), token.to_owned());
+        detached(py, async move {
+            let _ = redis.unlease(key, token).await;
+        })
     }
 
     /// Gives back an in-flight slot.
@@ -567,84 +523,59 @@ impl PyRateLimiter {
     /// a tenth of the configured rate at a time.
     #[pyo3(signature = (status, retry_after = None))]
     fn feedback(&self, py: Python<'_>, status: u16, retry_after: Option<f64>) -> PyResult<()> {
-        let now = self.clock.now_nanos(py)?;
-        let retry_after = retry_after
-            .map(|s| seconds_to_nanos("retry_after", s))
-            .transpose()?;
-        let pause = {
-            let mut limits = lock(&self.limits);
-            if status == 429 || status == 503 {
-                limits.throttled += 1;
-                let backoff = self
-                    .rate
-                    .interval_ns()
-                    .saturating_mul(1 << limits.throttled.min(16));
-                let pause = retry_after.unwrap_or(backoff.min(self.rate.period_ns));
-                let factor = (limits.factor * 0.5).max(0.05);
-                self.rescale(&mut limits, factor);
-                Some(pause)
-            } else {
-                if (200..400).contains(&status) {
-                    limits.throttled = 0;
-                    if limits.factor < 1.0 {
-                        // Rounded to hundredths, so ten steps of 0.1 land on exactly 1.0.
-                        let factor = (((limits.factor + 0.1) * 100.0).round() / 100.0).min(1.0);
-                        self.rescale(&mut limits, factor);
-                    }
-                }
-                None
-            }
-        };
-        // The lock is released: waiting on Redis while holding it could deadlock with a
-        // thread that holds the GIL and wants it.
-        if let Some(pause) = pause {
-            self.throttle_events.fetch_add(1, Ordering::Relaxed);
-            self.paused_until.fetch_max(now + pause, Ordering::AcqRel);
-            if let Some(redis) = self.shared.clone() {
-                // Everyone sharing the limit pauses; a lost pause only costs a 429 more.
-                let key = self.shared_keys(None)[2].clone();
-                let ms = (pause / 1_000_000).max(1);
-                let _ = py.detach(move || crate::runtime::block_on(redis.limit_pause(key, ms)));
-            }
+        if let Some((redis, key, ms)) = self.pause(py, status, retry_after)? {
+            // Everyone sharing the limit pauses; a lost pause only costs a 429 more.
+            let _ = wait(py, async move { redis.limit_pause(key, ms).await });
         }
         Ok(())
+    }
+
+    /// `feedback` as an awaitable; the shared pause goes through even if the wait is
+    /// cancelled.
+    #[pyo3(signature = (status, retry_after = None))]
+    fn _afeedback<'py>(
+        &self,
+        py: Python<'py>,
+        status: u16,
+        retry_after: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match self.pause(py, status, retry_after)? {
+            Some((redis, key, ms)) if !redis.is_down() => detached(py, async move {
+                let _ = redis.limit_pause(key, ms).await;
+            }),
+            _ => ready(py, py.None()),
+        }
     }
 
     /// `(limit, remaining, reset_seconds)` of the window now, for RateLimit-* headers.
     #[pyo3(signature = (key = None))]
     fn window(&self, py: Python<'_>, key: Option<&str>) -> PyResult<(u32, u32, f64)> {
-        let (limit, remaining, reset) = self.local_window(self.clock.now_nanos(py)?, key);
+        let (limit, remaining, reset) = self.core.window(self.clock.now_nanos(py)?, key);
         Ok((limit, remaining, reset as f64 / NANOS))
     }
 
     #[getter]
     fn name(&self) -> &str {
-        &self.name
+        self.core.name()
     }
 
     #[getter]
     fn rate(&self) -> String {
-        self.describe()
+        self.core.describe()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let now = self.clock.now_nanos(py)?;
-        let limits = lock(&self.limits);
-        d.set_item("name", &self.name)?;
-        d.set_item("rate", self.describe())?;
-        d.set_item("admitted", self.admitted.load(Ordering::Relaxed))?;
-        d.set_item("refused", self.refused.load(Ordering::Relaxed))?;
-        d.set_item(
-            "throttle_events",
-            self.throttle_events.load(Ordering::Relaxed),
-        )?;
-        d.set_item("rate_factor", limits.factor)?;
-        d.set_item(
-            "paused_for",
-            ((self.paused_until.load(Ordering::Acquire) - now).max(0)) as f64 / NANOS,
-        )?;
-        d.set_item("keys", limits.per_key.len())?;
+        let counts = self.core.counts();
+        d.set_item("name", self.core.name())?;
+        d.set_item("rate", self.core.describe())?;
+        d.set_item("admitted", counts.admitted)?;
+        d.set_item("refused", counts.refused)?;
+        d.set_item("throttle_events", counts.throttle_events)?;
+        d.set_item("rate_factor", counts.rate_factor)?;
+        d.set_item("paused_for", self.core.paused_for(now) as f64 / NANOS)?;
+        d.set_item("keys", counts.keys)?;
         d.set_item("in_flight", self.slots.as_ref().map(|s| *lock(&s.used)))?;
         d.set_item(
             "shared",
@@ -654,25 +585,35 @@ impl PyRateLimiter {
             "degraded",
             self.shared.as_ref().is_some_and(|r| r.is_down()),
         )?;
-        d.set_item(
-            "admitted_unchecked",
-            self.admitted_unchecked.load(Ordering::Relaxed),
-        )?;
+        d.set_item("admitted_unchecked", counts.admitted_unchecked)?;
         Ok(d)
     }
 
     fn __repr__(&self) -> String {
-        format!("RateLimiter({:?}, name={:?})", self.describe(), self.name)
+        format!(
+            "RateLimiter({:?}, name={:?})",
+            self.core.describe(),
+            self.core.name()
+        )
     }
 }
 
 impl PyRateLimiter {
-    fn describe(&self) -> String {
-        format!(
-            "{}/{}s",
-            self.rate.count,
-            self.rate.period_ns as f64 / NANOS
-        )
+    /// Applies feedback in process; the pause to share through Redis, if any.
+    fn pause(
+        &self,
+        py: Python<'_>,
+        status: u16,
+        retry_after: Option<f64>,
+    ) -> PyResult<Option<(Arc<RedisStore>, String, i64)>> {
+        let now = self.clock.now_nanos(py)?;
+        let retry_after = retry_after
+            .map(|s| seconds_to_nanos("retry_after", s))
+            .transpose()?;
+        let pause_ms = self.core.feedback(now, status, retry_after);
+        Ok(pause_ms
+            .zip(self.shared.clone())
+            .map(|(ms, redis)| (redis, self.core.pause_key(), ms)))
     }
 }
 
@@ -695,39 +636,44 @@ fn shared_store(url: Option<&str>, what: &str) -> PyResult<Option<Arc<RedisStore
     })?))
 }
 
-impl PyCircuitBreaker {
-    /// One step of the shared state, GIL released; None without Redis or when it cannot
-    /// be reached (the local state decides then).
-    fn shared_step(&self, py: Python<'_>, op: &str, probe: bool) -> Option<(i64, i64)> {
-        let redis = self.shared.clone().filter(|r| !r.is_down())?;
-        let (failures, reset_ms, half_open_max) = self.settings;
-        let key = format!("tenuto:breaker:{}", self.name);
-        let args = [
-            op.to_owned(),
-            failures.to_string(),
-            reset_ms.to_string(),
-            half_open_max.to_string(),
-            u8::from(probe).to_string(),
-        ];
-        py.detach(move || crate::runtime::block_on(redis.breaker_step(key, args)))
-            .ok()
-    }
-}
-
 /// Circuit breaker state; see `tenuto.CircuitBreaker`.
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "CircuitBreakerCore")]
 pub struct PyCircuitBreaker {
-    name: String,
+    circuit: Arc<Circuit>,
     clock: PyClock,
-    core: Mutex<Breaker>,
-    /// Shared through Redis (state on the server's clock); the local `core` decides
-    /// while Redis cannot be reached.
+    /// Shared through Redis (state on the server's clock); the local state decides while
+    /// Redis cannot be reached.
     shared: Option<Arc<RedisStore>>,
-    settings: (u32, i64, u32),
-    calls: AtomicU64,
-    failures: AtomicU64,
-    refused: AtomicU64,
-    opened: AtomicU64,
+}
+
+impl PyCircuitBreaker {
+    /// Asking Redis for one step of the shared state; None without Redis or while it is
+    /// down (the local state decides then, without waiting).
+    fn ask(&self, step: Step, probe: bool) -> Option<impl Future<Output = Reply> + Send + 'static> {
+        let redis = reachable(&self.shared)?;
+        let (key, args) = self.circuit.shared_step(step, probe);
+        Some(async move { redis.breaker_step(key, args).await.ok() })
+    }
+
+    /// One step, blocking (GIL released).
+    fn reply(&self, py: Python<'_>, step: Step, probe: bool) -> Reply {
+        self.ask(step, probe).and_then(|ask| wait(py, ask))
+    }
+}
+
+/// Whether the call is a probe, or `CircuitOpen`.
+fn permitted(py: Python<'_>, circuit: &Circuit, permit: Permit) -> PyResult<bool> {
+    match permit {
+        Permit::Allowed { probe } => Ok(probe),
+        Permit::Refused { retry_after_ns } => {
+            let seconds = retry_after_ns as f64 / NANOS;
+            let err = CircuitOpen::new_err(format!(
+                "circuit {:?} is open; retry in {seconds:.3} s",
+                circuit.name()
+            ));
+            Err(with_retry_after(py, err, seconds))
+        }
+    }
 }
 
 #[pymethods]
@@ -772,87 +718,80 @@ impl PyCircuitBreaker {
             });
         }
         Ok(Self {
-            name: name.unwrap_or("default").to_owned(),
+            circuit: Arc::new(Circuit::new(name.unwrap_or("default"), breaker)),
             clock: PyClock::from_arg(clock)?,
-            core: Mutex::new(breaker),
             shared,
-            settings: (
-                failures as u32,
-                reset_after_ns / 1_000_000,
-                half_open_max as u32,
-            ),
-            calls: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            opened: AtomicU64::new(0),
         })
     }
 
     /// Asks to make a call: returns whether it is a probe, or raises `CircuitOpen`.
     fn _permit(&self, py: Python<'_>) -> PyResult<bool> {
         let now = self.clock.now_nanos(py)?;
-        let permit = match self.shared_step(py, "permit", false) {
-            Some((0, wait_ms)) => Permit::Refused {
-                retry_after_ns: wait_ms * 1_000_000,
-            },
-            Some((verdict, _)) => Permit::Allowed {
-                probe: verdict == 2,
-            },
-            None => lock(&self.core).permit(now),
+        let reply = self.reply(py, Step::Permit, false);
+        permitted(py, &self.circuit, self.circuit.permit(now, reply))
+    }
+
+    /// `_permit` as an awaitable (in process it raises at once).
+    fn _apermit<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let now = self.clock.now_nanos(py)?;
+        let Some(ask) = self.ask(Step::Permit, false) else {
+            return ready(
+                py,
+                permitted(py, &self.circuit, self.circuit.permit(now, None))?,
+            );
         };
-        match permit {
-            Permit::Allowed { probe } => {
-                self.calls.fetch_add(1, Ordering::Relaxed);
-                Ok(probe)
-            }
-            Permit::Refused { retry_after_ns } => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                let seconds = retry_after_ns as f64 / NANOS;
-                let err = CircuitOpen::new_err(format!(
-                    "circuit {:?} is open; retry in {seconds:.3} s",
-                    self.name
-                ));
-                Err(with_retry_after(py, err, seconds))
-            }
-        }
+        let circuit = Arc::clone(&self.circuit);
+        spawn_for_asyncio(py, ask, move |py, reply| {
+            let probe = permitted(py, &circuit, circuit.permit(now, reply))?;
+            probe.into_py_any(py)
+        })
     }
 
     fn _success(&self, py: Python<'_>, probe: bool) -> PyResult<()> {
         let now = self.clock.now_nanos(py)?;
-        self.shared_step(py, "success", probe);
-        lock(&self.core).record_success(now, probe);
+        self.reply(py, Step::Success, probe);
+        self.circuit.success(now, probe);
         Ok(())
+    }
+
+    /// `_success` as an awaitable; the report goes through even if the wait is cancelled.
+    fn _asuccess<'py>(&self, py: Python<'py>, probe: bool) -> PyResult<Bound<'py, PyAny>> {
+        let now = self.clock.now_nanos(py)?;
+        self.circuit.success(now, probe);
+        match self.ask(Step::Success, probe) {
+            Some(ask) => detached(py, async move {
+                ask.await;
+            }),
+            None => ready(py, py.None()),
+        }
     }
 
     fn _failure(&self, py: Python<'_>, probe: bool) -> PyResult<()> {
         let now = self.clock.now_nanos(py)?;
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        if let Some((open, _)) = self.shared_step(py, "failure", probe) {
-            if open == 1 {
-                self.opened.fetch_add(u64::from(!probe), Ordering::Relaxed);
-            }
-            return Ok(());
-        }
-        let mut core = lock(&self.core);
-        let was_open = core.state(now) != BreakerState::Closed;
-        core.record_failure(now, probe);
-        if !was_open && core.state(now) == BreakerState::Open {
-            self.opened.fetch_add(1, Ordering::Relaxed);
-        }
+        let reply = self.reply(py, Step::Failure, probe);
+        self.circuit.failure(now, probe, reply);
         Ok(())
+    }
+
+    /// `_failure` as an awaitable; the report goes through even if the wait is cancelled.
+    fn _afailure<'py>(&self, py: Python<'py>, probe: bool) -> PyResult<Bound<'py, PyAny>> {
+        let now = self.clock.now_nanos(py)?;
+        let Some(ask) = self.ask(Step::Failure, probe) else {
+            self.circuit.failure(now, probe, None);
+            return ready(py, py.None());
+        };
+        let circuit = Arc::clone(&self.circuit);
+        detached(py, async move {
+            circuit.failure(now, probe, ask.await);
+        })
     }
 
     /// "closed", "open" or "half_open".
     #[getter]
     fn state(&self, py: Python<'_>) -> PyResult<&'static str> {
         let now = self.clock.now_nanos(py)?;
-        let state = match self.shared_step(py, "state", false) {
-            Some((0, _)) => BreakerState::Closed,
-            Some((1, _)) => BreakerState::Open,
-            Some(_) => BreakerState::HalfOpen,
-            None => lock(&self.core).state(now),
-        };
-        Ok(match state {
+        let reply = self.reply(py, Step::State, false);
+        Ok(match self.circuit.state(now, reply) {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half_open",
@@ -861,17 +800,18 @@ impl PyCircuitBreaker {
 
     #[getter]
     fn name(&self) -> &str {
-        &self.name
+        self.circuit.name()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("name", &self.name)?;
+        let counts = self.circuit.counts();
+        d.set_item("name", self.circuit.name())?;
         d.set_item("state", self.state(py)?)?;
-        d.set_item("calls", self.calls.load(Ordering::Relaxed))?;
-        d.set_item("failures", self.failures.load(Ordering::Relaxed))?;
-        d.set_item("refused", self.refused.load(Ordering::Relaxed))?;
-        d.set_item("opened", self.opened.load(Ordering::Relaxed))?;
+        d.set_item("calls", counts.calls)?;
+        d.set_item("failures", counts.failures)?;
+        d.set_item("refused", counts.refused)?;
+        d.set_item("opened", counts.opened)?;
         Ok(d)
     }
 }

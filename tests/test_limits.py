@@ -4,13 +4,16 @@ moves the fake clock, so nothing sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import tenuto
-from tenuto.testing import FakeClock
+from tenuto.testing import FakeClock, RedisServer
 
 
 @pytest.fixture
@@ -234,6 +237,8 @@ class TestCircuitBreaker:
         with pytest.raises(TimeoutError):
             await br.acall(fail)
         assert br.state == "open"
+        with pytest.raises(tenuto.CircuitOpen):
+            await br.acall(fail)
 
     def test_bad_arguments(self) -> None:
         with pytest.raises(ValueError):
@@ -395,3 +400,172 @@ def test_breaker_state_shared_through_redis(redis_server, namespace) -> None:
     assert one.state == "closed" and two.state == "closed"
     with pytest.raises(ValueError, match="unsupported breaker URL"):
         tenuto.CircuitBreaker(url="memcached://x")
+
+
+# A Redis server that hangs (SIGSTOP: connections open, commands unanswered until the
+# 1 s command timeout). Async paths must wait for it on tenuto's runtime, never on the
+# event loop: the loop's heartbeat stays regular while 50 tasks wait.
+HEARTBEAT = 0.005
+MAX_STALL = 0.1  # generous for a noisy machine; blocking the loop would show ~1 s
+
+
+async def worst_stall_during(
+    start: Callable[[], list[asyncio.Future[Any]]], bound: float = 10.0
+) -> tuple[float, list[asyncio.Future[Any]]]:
+    """The largest gap (seconds) between heartbeat wake-ups while the tasks `start()`
+    returns run (the heartbeat is already beating when they start), and the tasks."""
+    worst = 0.0
+
+    async def heartbeat() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = time.perf_counter()
+            worst = max(worst, now - last)
+            last = now
+
+    beat = asyncio.ensure_future(heartbeat())
+    await asyncio.sleep(0)  # one loop turn: the heartbeat takes its first time
+    tasks = start()
+    try:
+        await asyncio.wait(tasks, timeout=bound)
+    finally:
+        beat.cancel()
+    return worst, tasks
+
+
+@contextlib.contextmanager
+def paused(server: RedisServer) -> Iterator[None]:
+    server.pause()
+    try:
+        yield
+    finally:
+        server.resume()
+
+
+async def test_async_limiter_never_blocks_the_loop_on_a_stalled_redis(
+    own_redis: RedisServer, namespace: str
+) -> None:
+    lim = tenuto.RateLimiter("100000/second", max_concurrency=8, url=own_redis.url, name=namespace)
+    async with lim:  # connected, and the shared rate and lease work
+        pass
+    done = 0
+
+    async def call() -> None:
+        nonlocal done
+        async with lim:
+            await asyncio.sleep(0)
+        done += 1
+
+    with paused(own_redis):
+        stall, tasks = await worst_stall_during(
+            lambda: [asyncio.ensure_future(call()) for _ in range(50)]
+        )
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    print(f"limiter: worst loop stall {stall * 1000:.1f} ms")
+    assert done == 50 and lim.stats()["in_flight"] == 0
+    assert stall < MAX_STALL, f"the event loop stalled {stall * 1000:.0f} ms"
+
+
+async def test_async_breaker_never_blocks_the_loop_on_a_stalled_redis(
+    own_redis: RedisServer, namespace: str
+) -> None:
+    br = tenuto.CircuitBreaker(failures=100, url=own_redis.url, name=namespace)
+
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "ok"
+
+    assert await br.acall(work) == "ok"  # connected
+    with paused(own_redis):
+        stall, tasks = await worst_stall_during(
+            lambda: [asyncio.ensure_future(br.acall(work)) for _ in range(50)]
+        )
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 10) == ["ok"] * 50
+    print(f"breaker: worst loop stall {stall * 1000:.1f} ms")
+    assert stall < MAX_STALL, f"the event loop stalled {stall * 1000:.0f} ms"
+    assert br.state == "closed" and br.stats()["calls"] == 51
+
+
+async def test_cancelling_aacquire_on_a_stalled_redis_returns_promptly(
+    own_redis: RedisServer, namespace: str
+) -> None:
+    lim = tenuto.RateLimiter("100000/second", url=own_redis.url, name=namespace)
+    await lim.aacquire()  # connected
+    with paused(own_redis):
+        start = time.perf_counter()
+        task = asyncio.ensure_future(lim.aacquire())
+        await asyncio.sleep(0)  # one loop turn: the task runs up to its first await
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        elapsed = time.perf_counter() - start
+    assert elapsed < MAX_STALL, f"cancelling took {elapsed * 1000:.0f} ms"
+
+
+async def test_async_paths_share_the_limit_through_redis(
+    redis_server: RedisServer, raw_redis: Any, namespace: str
+) -> None:
+    lim = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
+    other = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
+    await lim.aacquire()
+    ok, retry_after = other.try_acquire()
+    assert not ok and 0 < retry_after <= 0.1, "the other process sees the same spacing"
+    with pytest.raises(tenuto.RateLimited):
+        await lim.aacquire(timeout=0)
+    await lim.afeedback(429, retry_after=5)
+    ok, retry_after = other.try_acquire()
+    assert not ok and 4 < retry_after <= 5, "a 429 seen by one pauses all"
+
+    name = f"{namespace}-cap"
+    capped = tenuto.RateLimiter("100000/second", max_concurrency=2, url=redis_server.url, name=name)
+    elsewhere = tenuto.RateLimiter(
+        "100000/second", max_concurrency=2, url=redis_server.url, name=name
+    )
+    held = elsewhere._lease()  # another process holds one of the two leases
+    assert held
+    in_flight = peak = 0
+
+    @capped.limit
+    async def call() -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+
+    await asyncio.gather(*(call() for _ in range(6)))
+    assert peak == 1, "one lease left for this process's tasks"
+    elsewhere._unlease(held)
+    assert raw_redis.zcard(f"tenuto:limit:{name}:leases") == 0, "every lease given back"
+    assert capped.stats()["in_flight"] == 0
+
+
+async def test_async_breaker_shares_its_state_through_redis(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    one = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
+    two = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
+
+    async def fail() -> None:
+        raise ConnectionError
+
+    async def succeed() -> str:
+        return "ok"
+
+    for breaker in (one, two):
+        with pytest.raises(ConnectionError):
+            await breaker.acall(fail)
+    assert one.state == "open" and two.state == "open"
+    with pytest.raises(tenuto.CircuitOpen) as raised:
+        await two.acall(succeed)
+    assert 0 < raised.value.retry_after <= 0.2
+    deadline = time.monotonic() + 5
+    while two.state != "half_open":  # reset_after passes on the Redis server's clock
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    async with one:  # the one probe, and it succeeds
+        with pytest.raises(tenuto.CircuitOpen):
+            await two.acall(succeed)
+    assert one.state == "closed" and two.state == "closed", "the probe's report arrived"

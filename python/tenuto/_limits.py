@@ -1,5 +1,6 @@
 """`tenuto.RateLimiter` and `tenuto.CircuitBreaker`: the native cores plus context
-managers (sync and async) and decorators. In process for now."""
+managers (sync and async) and decorators. Async paths await the cores' `_a…` twins, so
+waiting for Redis never blocks the event loop."""
 
 from __future__ import annotations
 
@@ -47,12 +48,20 @@ class RateLimiter(RateLimiterCore):
         self._leases.set((*self._leases.get(), token))
         return True
 
-    def _give_back(self) -> None:
+    def _pop_lease(self) -> str | None:
         stack = self._leases.get()
-        if stack:
-            self._leases.set(stack[:-1])
-            self._unlease(stack[-1])
-        self.release()
+        if not stack:
+            return None
+        self._leases.set(stack[:-1])
+        return stack[-1]
+
+    def _give_back(self) -> None:
+        token = self._pop_lease()
+        try:
+            if token is not None:
+                self._unlease(token)
+        finally:
+            self.release()
 
     def __enter__(self) -> RateLimiter:
         self._wait_slot()
@@ -79,7 +88,7 @@ class RateLimiter(RateLimiterCore):
         would take longer than `timeout` seconds."""
         waited = 0.0
         while True:
-            ok, retry_after = self.try_acquire(key)
+            ok, retry_after = await self._atry_acquire(key)
             if ok:
                 return
             if timeout is not None and waited + retry_after > timeout:
@@ -90,6 +99,11 @@ class RateLimiter(RateLimiterCore):
                 raise err
             await asyncio.sleep(retry_after)
             waited += retry_after
+
+    async def afeedback(self, status: int, retry_after: float | None = None) -> None:
+        """`feedback` from async code: the pause shared through Redis is sent from
+        tenuto's runtime, never blocking the event loop."""
+        await self._afeedback(status, retry_after)
 
     async def _aslot(self) -> None:
         while not self._try_slot():
@@ -103,7 +117,7 @@ class RateLimiter(RateLimiterCore):
         await self._aslot()
         try:
             pause = LEASE_POLL_MIN
-            while not self._take_lease(self._lease()):
+            while not self._take_lease(await self._alease()):
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, LEASE_POLL_MAX)
         except BaseException:
@@ -112,12 +126,20 @@ class RateLimiter(RateLimiterCore):
         try:
             await self.aacquire()
         except BaseException:
-            self._give_back()
+            await self._agive_back()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._give_back()
+        await self._agive_back()
+
+    async def _agive_back(self) -> None:
+        token = self._pop_lease()
+        try:
+            if token is not None:
+                await self._aunlease(token)  # goes through even if this task is cancelled
+        finally:
+            self.release()
 
     def limit(self, fn: F) -> F:
         """Decorator: every call (sync or async) goes through `with lim:`."""
@@ -159,10 +181,13 @@ class CircuitBreaker(CircuitBreakerCore):
     def _enter(self) -> None:
         self._probes.set((*self._probes.get(), self._permit()))
 
-    def _exit(self, exc: BaseException | None) -> None:
+    def _pop_probe(self) -> bool:
         stack = self._probes.get()
-        probe = stack[-1] if stack else False
         self._probes.set(stack[:-1])
+        return stack[-1] if stack else False
+
+    def _exit(self, exc: BaseException | None) -> None:
+        probe = self._pop_probe()
         if exc is None:
             self._success(probe)
         elif isinstance(exc, Exception):
@@ -176,11 +201,15 @@ class CircuitBreaker(CircuitBreakerCore):
         self._exit(exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        self._enter()
+        self._probes.set((*self._probes.get(), await self._apermit()))
         return self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        self._exit(exc)
+        probe = self._pop_probe()
+        if exc is None:
+            await self._asuccess(probe)
+        elif isinstance(exc, Exception):
+            await self._afailure(probe)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self:

@@ -9,6 +9,10 @@ returns, which can only make their windows look better, never worse.
 
 Cost: one non-blocking acquire in process (median ns), and on Redis one shared acquire
 next to the lower bound of a raw INCR+EXPIRE pipeline.
+
+Stall: the event loop's worst gap between 5 ms heartbeats while 50 tasks go through a
+shared limiter (`async with`) or breaker (`acall`) whose Redis server hangs (SIGSTOP; the
+command timeout is 1 s, so blocking the loop would show about 1000 ms).
 Usage: python benches/bench_limits.py [--quick]
 """
 
@@ -20,7 +24,8 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import tenuto
 from tenuto.testing import RedisServer
@@ -220,6 +225,54 @@ def cost_rows(url: str) -> None:
     raw.close()
 
 
+def stall_ms(server: RedisServer, make_task: Callable[[], Coroutine[Any, Any, None]]) -> float:
+    """Worst heartbeat gap (ms) while 50 tasks from `make_task` run on a paused server."""
+
+    async def run() -> float:
+        worst, last = 0.0, time.perf_counter()
+
+        async def heartbeat() -> None:
+            nonlocal worst, last
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                worst, last = max(worst, now - last), now
+
+        beat = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0)  # the heartbeat takes its first time
+        server.pause()
+        try:
+            tasks = [asyncio.ensure_future(make_task()) for _ in range(50)]
+            await asyncio.wait(tasks, timeout=10)
+        finally:
+            server.resume()
+            beat.cancel()
+        await asyncio.gather(*tasks)
+        return worst * 1000
+
+    return asyncio.run(run())
+
+
+def stall_rows() -> None:
+    with RedisServer() as server:
+        lim = tenuto.RateLimiter("100000/second", max_concurrency=8, url=server.url, name="s")
+        breaker = tenuto.CircuitBreaker(failures=100, url=server.url, name="s")
+
+        async def limited() -> None:
+            async with lim:
+                await asyncio.sleep(0)
+
+        async def guarded() -> None:
+            await breaker.acall(asyncio.sleep, 0)
+
+        for name, make_task in [
+            ("tenuto async with limiter (Redis paused)", limited),
+            ("tenuto breaker acall (Redis paused)", guarded),
+        ]:
+            asyncio.run(make_task())  # connected before the pause
+            print(f"stall     {name:<44} {stall_ms(server, make_task):9.1f} ms worst loop gap")
+
+
 def main() -> None:
     print(
         f"tenuto {tenuto.__version__}, Python {sys.version.split()[0]}; {LIMIT}/s, {WORKERS} workers, {SECONDS} s"
@@ -249,6 +302,7 @@ def main() -> None:
         except Exception as exc:  # report a broken peer, keep going
             print(f"accuracy  {'pyrate-limiter (memory)':<44} n/a ({type(exc).__name__}: {exc})")
         cost_rows(server.url)
+    stall_rows()
 
 
 if __name__ == "__main__":

@@ -708,7 +708,9 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             return match self.route()? {
                 Route::Memory => {
                     let prior = match seen.take() {
-                        Some((generation, entry)) if self.memory.generation() == generation => entry,
+                        Some((generation, entry)) if self.memory.generation() == generation => {
+                            entry
+                        }
                         _ => self.memory.get(key),
                     };
                     Ok(self.decide(key, guard, prior, None, force))

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use super::{Flight, Joined, LeaderGuard, Outcome, SingleFlight};
-use crate::runtime::py::{get_running_loop, resolve_soon, Ready};
+use crate::runtime::py::{LoopFuture, Ready};
 
 type PyValue = Py<PyAny>;
 
@@ -200,19 +200,10 @@ impl PyFlight {
             let pair = outcome_pair(py, &outcome)?;
             return Ok(Bound::new(py, Ready::new(pair.into_any().unbind()))?.into_any());
         }
-        let event_loop = get_running_loop(py)?;
-        let future = event_loop.call_method0("create_future")?;
-        let (loop_ref, future_ref) = (event_loop.unbind(), future.clone().unbind());
+        let pending = LoopFuture::new(py)?;
+        let future = pending.future(py).clone();
         self.flight.on_landed(move |outcome| {
-            Python::attach(|py| match outcome_pair(py, &outcome) {
-                Ok(pair) => resolve_soon(
-                    loop_ref.bind(py),
-                    future_ref.bind(py),
-                    true,
-                    pair.into_any(),
-                ),
-                Err(err) => err.write_unraisable(py, None),
-            })
+            pending.complete(move |py| Ok(outcome_pair(py, &outcome)?.into_any().unbind()))
         });
         Ok(future)
     }

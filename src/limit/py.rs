@@ -19,7 +19,7 @@ use super::{Lease, Limiter, Mode, Rate};
 use crate::cache::redis::{RedisConfig, RedisStore, SharedDecision, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
 use crate::error::py::TenutoError;
-use crate::runtime::py::{get_running_loop, resolve_soon, spawn_for_asyncio, Ready};
+use crate::runtime::py::{spawn_for_asyncio, LoopFuture, Ready};
 
 create_exception!(
     tenuto._core,
@@ -141,7 +141,7 @@ struct Slots {
     max: usize,
     used: Mutex<usize>,
     freed: Condvar,
-    waiters: Mutex<VecDeque<(Py<PyAny>, Py<PyAny>)>>,
+    waiters: Mutex<VecDeque<LoopFuture>>,
 }
 
 /// Rate limit state and rules; see `tenuto.RateLimiter`.
@@ -428,10 +428,10 @@ impl PyRateLimiter {
 
     /// An asyncio future completed when a slot is released (then try `_try_slot` again).
     fn _slot_freed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let event_loop = get_running_loop(py)?;
-        let future = event_loop.call_method0("create_future")?;
+        let pending = LoopFuture::new(py)?;
+        let future = pending.future(py).clone();
         if let Some(slots) = &self.slots {
-            lock(&slots.waiters).push_back((event_loop.unbind(), future.clone().unbind()));
+            lock(&slots.waiters).push_back(pending);
         }
         Ok(future)
     }
@@ -498,7 +498,7 @@ impl PyRateLimiter {
     }
 
     /// Gives back an in-flight slot.
-    fn release(&self, py: Python<'_>) {
+    fn release(&self, _py: Python<'_>) {
         let Some(slots) = &self.slots else { return };
         {
             let mut used = lock(&slots.used);
@@ -508,13 +508,8 @@ impl PyRateLimiter {
         // Wake every waiting task: they race for the slot and the losers wait again, so a
         // cancelled waiter can never swallow the wake-up.
         let waiters = std::mem::take(&mut *lock(&slots.waiters));
-        for (event_loop, future) in waiters {
-            resolve_soon(
-                event_loop.bind(py),
-                future.bind(py),
-                true,
-                py.None().into_bound(py),
-            );
+        for waiter in waiters {
+            waiter.complete(|py| Ok(py.None()));
         }
     }
 

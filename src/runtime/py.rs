@@ -6,8 +6,10 @@
 //! needs no I/O (a memory hit) returns a `Ready` awaitable instead: no loop round trip.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyStopIteration;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyCFunction;
@@ -106,56 +108,159 @@ pub(crate) fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         .call0()
 }
 
-/// Sets a future's outcome unless it was cancelled meanwhile; runs on the loop's thread.
-fn resolver(py: Python<'_>) -> PyResult<&Bound<'_, PyCFunction>> {
-    static RESOLVER: PyOnceLock<Py<PyCFunction>> = PyOnceLock::new();
-    RESOLVER
-        .get_or_try_init(py, || {
-            let f = PyCFunction::new_closure(
-                py,
-                Some(c"_tenuto_resolve"),
-                None,
-                |args, _kwargs| -> PyResult<()> {
-                    let (future, ok, value): (Bound<'_, PyAny>, bool, Bound<'_, PyAny>) =
-                        args.extract()?;
-                    if future.call_method0("done")?.is_truthy()? {
-                        return Ok(());
-                    }
-                    let method = if ok { "set_result" } else { "set_exception" };
-                    future.call_method1(method, (value,))?;
-                    Ok(())
-                },
-            )?;
-            Ok::<_, PyErr>(f.unbind())
-        })
-        .map(|f| f.bind(py))
+/// Work handed back to an event loop's thread: runs there with the GIL held.
+type Completion = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// Completions waiting for one event loop. Runtime threads push and, when the queue was
+/// empty, ask the loop once (`call_soon_threadsafe`) to drain it: many results that land
+/// together cost the loop one wake-up, and runtime threads take the GIL once per batch,
+/// not once per result.
+pub(crate) struct LoopQueue {
+    event_loop: Py<PyAny>,
+    drain: Py<PyAny>,
+    pending: std::sync::Mutex<Vec<Completion>>,
+    scheduled: std::sync::atomic::AtomicBool,
 }
 
-/// Completes `future` (of `event_loop`) with `value` (or raises it when `ok` is false) on
-/// the loop's own thread; safe to call from any thread, attached to Python.
-pub(crate) fn resolve_soon(
-    event_loop: &Bound<'_, PyAny>,
-    future: &Bound<'_, PyAny>,
-    ok: bool,
-    value: Bound<'_, PyAny>,
-) {
-    let py = event_loop.py();
-    let delivered = resolver(py).and_then(|resolve| {
-        event_loop.call_method1("call_soon_threadsafe", (resolve, future, ok, value))
-    });
-    // A closed loop has nobody left to tell; anything else is a bug worth seeing.
-    if let Err(err) = delivered {
-        let closed = event_loop
-            .call_method0("is_closed")
-            .and_then(|v| v.is_truthy())
-            .unwrap_or(true);
-        if !closed {
-            err.write_unraisable(py, None);
+impl LoopQueue {
+    fn new(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Self>> {
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<LoopQueue>| {
+            let me = me.clone();
+            let drain = PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
+                if let Some(queue) = me.upgrade() {
+                    queue.run(args.py());
+                }
+                Ok::<_, PyErr>(())
+            })
+            .map(|f| f.into_any().unbind())
+            .unwrap_or_else(|_| py.None());
+            LoopQueue {
+                event_loop: event_loop.clone().unbind(),
+                drain,
+                pending: std::sync::Mutex::new(Vec::new()),
+                scheduled: std::sync::atomic::AtomicBool::new(false),
+            }
+        }))
+    }
+
+    /// The queue of the running loop (one per loop, remembered per thread).
+    fn current(py: Python<'_>) -> PyResult<Arc<Self>> {
+        thread_local! {
+            static CURRENT: std::cell::RefCell<Option<Arc<LoopQueue>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let event_loop = get_running_loop(py)?;
+        let known = CURRENT.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|q| q.event_loop.bind(py).is(&event_loop))
+                .cloned()
+        });
+        if let Some(queue) = known {
+            return Ok(queue);
+        }
+        let queue = Self::new(py, &event_loop)?;
+        CURRENT.with(|c| *c.borrow_mut() = Some(Arc::clone(&queue)));
+        Ok(queue)
+    }
+
+    /// From any thread: runs `completion` on the loop's thread soon.
+    fn push(self: &Arc<Self>, completion: Completion) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(completion);
+        if self
+            .scheduled
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return; // a drain is already on its way
+        }
+        Python::attach(|py| {
+            let event_loop = self.event_loop.bind(py);
+            if let Err(err) = event_loop.call_method1("call_soon_threadsafe", (&self.drain,)) {
+                self.scheduled
+                    .store(false, std::sync::atomic::Ordering::Release);
+                // A closed loop has nobody left to tell; anything else is worth seeing.
+                let closed = event_loop
+                    .call_method0("is_closed")
+                    .and_then(|v| v.is_truthy())
+                    .unwrap_or(true);
+                if !closed {
+                    err.write_unraisable(py, None);
+                }
+            }
+        });
+    }
+
+    /// On the loop's thread: runs every completion queued so far.
+    fn run(&self, py: Python<'_>) {
+        self.scheduled
+            .store(false, std::sync::atomic::Ordering::Release);
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for completion in batch {
+            completion(py);
         }
     }
 }
 
-type Start = Box<dyn FnOnce(Py<PyAny>, Py<PyAny>) -> tokio::task::AbortHandle + Send>;
+/// Sets a future's result (or exception) unless it was cancelled meanwhile.
+fn settle(future: &Bound<'_, PyAny>, outcome: PyResult<Py<PyAny>>) {
+    let py = future.py();
+    let done = future
+        .call_method0(intern!(py, "done"))
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(true);
+    if done {
+        return;
+    }
+    let set = match outcome {
+        Ok(value) => future.call_method1(intern!(py, "set_result"), (value,)),
+        Err(err) => future.call_method1(intern!(py, "set_exception"), (err.into_value(py),)),
+    };
+    if let Err(err) = set {
+        err.write_unraisable(py, None);
+    }
+}
+
+/// An asyncio future of the running loop that any thread may complete.
+pub(crate) struct LoopFuture {
+    queue: Arc<LoopQueue>,
+    future: Py<PyAny>,
+}
+
+impl LoopFuture {
+    /// A new future of the running loop (an error outside one).
+    pub(crate) fn new(py: Python<'_>) -> PyResult<Self> {
+        let queue = LoopQueue::current(py)?;
+        let future = queue
+            .event_loop
+            .bind(py)
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
+        Ok(Self { queue, future })
+    }
+
+    pub(crate) fn future<'py>(&self, py: Python<'py>) -> &Bound<'py, PyAny> {
+        self.future.bind(py)
+    }
+
+    /// From any thread: completes the future with `outcome`, computed on the loop's
+    /// thread (unless the future was cancelled meanwhile).
+    pub(crate) fn complete(
+        self,
+        outcome: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send + 'static,
+    ) {
+        let Self { queue, future } = self;
+        let deliver = Arc::clone(&queue);
+        deliver.push(Box::new(move |py| {
+            settle(future.bind(py), outcome(py));
+            drop(queue);
+        }));
+    }
+}
+
+type Start = Box<dyn FnOnce(LoopFuture) -> tokio::task::AbortHandle + Send>;
 
 enum Stage {
     /// Not awaited yet: nothing runs.
@@ -201,9 +306,9 @@ impl Pending {
                 _ => unreachable!("checked above"),
             }
         };
-        let event_loop = get_running_loop(py)?;
-        let future = event_loop.call_method0("create_future")?;
-        let abort = start(event_loop.unbind(), future.clone().unbind());
+        let pending = LoopFuture::new(py)?;
+        let future = pending.future(py).clone();
+        let abort = start(pending);
         let on_done = PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
             let future = args.get_item(0)?;
             if future.call_method0("cancelled")?.is_truthy()? {
@@ -300,19 +405,13 @@ where
     T: Send + 'static,
     C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Py<PyAny>> + Send + 'static,
 {
-    let start: Start = Box::new(move |loop_ref, future_ref| {
-        crate::runtime::handle()
-            .spawn(async move {
-                let output = work.await;
-                Python::attach(move |py| {
-                    let (ok, value) = match finish(py, output) {
-                        Ok(value) => (true, value.into_bound(py)),
-                        Err(err) => (false, err.into_value(py).into_any().into_bound(py)),
-                    };
-                    resolve_soon(loop_ref.bind(py), future_ref.bind(py), ok, value);
-                });
-            })
-            .abort_handle()
+    let start: Start = Box::new(move |pending| {
+        let task = async move {
+            let output = work.await;
+            // `finish` converts on the loop's thread, where the GIL is at hand.
+            pending.complete(move |py| finish(py, output));
+        };
+        crate::runtime::handle().spawn(task).abort_handle()
     });
     Ok(Bound::new(
         py,

@@ -1,8 +1,9 @@
 //! Deferred release of Python references held inside Rust containers.
 //!
-//! moka drops replaced and evicted values inside its own operations, possibly while it
-//! holds internal locks. Dropping a `Py<…>` there could run arbitrary Python (`__del__`,
-//! weakref callbacks) that re-enters the cache and deadlocks (cachebox issues 67, 68, 84).
+//! Values held by the engine are dropped wherever their last `Arc` goes: inside a store,
+//! a flight, or a runtime thread without the GIL. Dropping a `Py<…>` there could run
+//! arbitrary Python (`__del__`, weakref callbacks) that re-enters the cache and deadlocks
+//! (cachebox issues 67, 68, 84).
 //! So values stored in Rust containers are wrapped in `Deferred`, whose drop only queues
 //! the reference; `release_pending` decrefs the queue at safe points (no Rust lock held).
 

@@ -626,7 +626,6 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
-        // Runs moka's pending maintenance first, so evictions are counted.
         let size = self.memory.len();
         Stats {
             hits: Counters::read(&c.hits),

@@ -1,15 +1,19 @@
-//! The in-process store: a bounded moka cache of envelopes, each entry expiring from
-//! memory at its `stale_until`. Generic over the value so the core stays free of pyo3.
+//! The in-process store: a bounded map of envelopes, sharded behind plain mutexes, with
+//! sampled-LRU eviction (as Redis does it) and lazy reclaim of entries past their
+//! `stale_until`. Generic over the value so the core stays free of pyo3.
 //!
-//! moka's expiry runs on the real monotonic clock, so state is always decided against the
-//! cache's own (injectable) clock on read; moka's expiry only reclaims memory.
+//! Why not moka (named by the design, and used by the first version): at capacity every
+//! insert paid moka's housekeeping (a per-key lock map for the eviction listener, cht
+//! rehashes, LRU queue upkeep), which made a cached function's miss+store 3x moka-py's
+//! (`python benches/bench_engine.py`). Here an insert is one hash, one short lock and,
+//! when the shard is full, five sampled slots. State (hit/stale/miss) is decided on read
+//! against the cache's own injectable clock; the real monotonic clock only reclaims memory.
 
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use moka::notification::RemovalCause;
-use moka::Expiry;
 
 use super::Times;
 
@@ -39,66 +43,110 @@ impl<V> Entry<V> {
     }
 }
 
-struct ExpireAtStaleUntil;
+/// foldhash: keys are hashes or app-chosen names, and lookups are the hot path.
+type Hasher = foldhash::fast::RandomState;
 
-impl<V> Expiry<String, Arc<Entry<V>>> for ExpireAtStaleUntil {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        entry: &Arc<Entry<V>>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(entry.keep_for)
+/// Slots looked at to choose a victim when a shard is full.
+const SAMPLES: usize = 5;
+
+struct Slot<V> {
+    key: Arc<str>,
+    entry: Arc<Entry<V>>,
+    /// The shard's use counter at the last read or write (higher: used more recently).
+    used: u64,
+    reclaim_at: Instant,
+}
+
+struct Shard<V> {
+    index: HashMap<Arc<str>, usize, Hasher>,
+    slots: Vec<Slot<V>>,
+    capacity: usize,
+    uses: u64,
+    /// xorshift state for sampling victims.
+    seed: u64,
+}
+
+impl<V> Shard<V> {
+    fn remove_at(&mut self, i: usize) -> Slot<V> {
+        let slot = self.slots.swap_remove(i);
+        self.index.remove(&slot.key);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(Arc::clone(&moved.key), i);
+        }
+        slot
     }
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        entry: &Arc<Entry<V>>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.keep_for)
+    fn random(&mut self) -> usize {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        (self.seed % self.slots.len() as u64) as usize
+    }
+
+    /// The slot to evict: a sampled one already past reclaim, else the least recently
+    /// used of the sample.
+    fn victim(&mut self, now: Instant) -> usize {
+        let mut best = self.random();
+        for _ in 1..SAMPLES.min(self.slots.len()) {
+            if self.slots[best].reclaim_at <= now {
+                break;
+            }
+            let candidate = self.random();
+            if self.slots[candidate].used < self.slots[best].used {
+                best = candidate;
+            }
+        }
+        best
     }
 }
 
-/// foldhash instead of SipHash: keys are hashes or app-chosen names, and lookups are the
-/// hot path (SipHash was ~6 % of a decorated hit in `perf`).
-type Hasher = foldhash::fast::RandomState;
-
 pub struct MemoryStore<V: Send + Sync + 'static> {
-    entries: moka::sync::Cache<String, Arc<Entry<V>>, Hasher>,
-    evictions: Arc<AtomicU64>,
+    shards: Box<[Mutex<Shard<V>>]>,
+    hasher: Hasher,
+    capacity: u64,
+    evictions: AtomicU64,
     /// Bumped after every change of the store's contents (insert, remove, clear, eviction,
-    /// expiry). An entry read while the generation was g is still the current one for its
+    /// reclaim). An entry read while the generation was g is still the current one for its
     /// key as long as the generation is still g: front caches validate with one load.
-    generation: Arc<AtomicU64>,
+    generation: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<V: Send + Sync + 'static> MemoryStore<V> {
     pub fn new(max_entries: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let generation = Arc::new(AtomicU64::new(0));
-        let counted = Arc::clone(&evictions);
-        let changed = Arc::clone(&generation);
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_entries)
-            // LRU, not TinyLFU: a value just set must be readable even when the cache is
-            // full (TinyLFU may refuse to admit a new key).
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .expire_after(ExpireAtStaleUntil)
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == RemovalCause::Size {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }
-                changed.fetch_add(1, Ordering::AcqRel);
+        // Small stores keep one shard, so the bound is exact; larger ones spread the lock.
+        let shards = if max_entries < 256 { 1 } else { 16 };
+        let base = (max_entries / shards) as usize;
+        let extra = (max_entries % shards) as usize;
+        let shards: Vec<Mutex<Shard<V>>> = (0..shards as usize)
+            .map(|i| {
+                Mutex::new(Shard {
+                    index: HashMap::with_hasher(Hasher::default()),
+                    slots: Vec::new(),
+                    capacity: (base + usize::from(i < extra)).max(1),
+                    uses: 0,
+                    seed: 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1),
+                })
             })
-            .build_with_hasher(Hasher::default());
+            .collect();
         Self {
-            entries,
-            evictions,
-            generation,
+            shards: shards.into_boxed_slice(),
+            hasher: Hasher::default(),
+            capacity: max_entries,
+            evictions: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Shard<V>> {
+        let n = self.shards.len();
+        if n == 1 {
+            return &self.shards[0];
+        }
+        &self.shards[(self.hasher.hash_one(key) as usize) % n]
     }
 
     /// Read this before reading entries (see `generation`).
@@ -111,30 +159,85 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Entry<V>>> {
-        self.entries.get(key)
+        let mut shard = lock(self.shard(key));
+        let i = *shard.index.get(key)?;
+        if shard.slots[i].reclaim_at <= Instant::now() {
+            let gone = shard.remove_at(i);
+            drop(shard);
+            drop(gone);
+            self.changed();
+            return None;
+        }
+        shard.uses += 1;
+        let uses = shard.uses;
+        let slot = &mut shard.slots[i];
+        slot.used = uses;
+        Some(Arc::clone(&slot.entry))
     }
 
     pub fn insert(&self, key: String, entry: Arc<Entry<V>>) {
-        self.entries.insert(key, entry);
+        let now = Instant::now();
+        let reclaim_at = now + entry.keep_for;
+        let mut shard = lock(self.shard(&key));
+        shard.uses += 1;
+        let used = shard.uses;
+        // Values leave outside the lock (their drop may be arbitrary work for V).
+        let replaced = if let Some(&i) = shard.index.get(key.as_str()) {
+            let slot = &mut shard.slots[i];
+            slot.used = used;
+            slot.reclaim_at = reclaim_at;
+            Some(std::mem::replace(&mut slot.entry, entry))
+        } else {
+            let evicted = if shard.slots.len() >= shard.capacity {
+                let victim = shard.victim(now);
+                let gone = shard.remove_at(victim);
+                if gone.reclaim_at > now {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(gone)
+            } else {
+                None
+            };
+            let key: Arc<str> = Arc::from(key);
+            let at = shard.slots.len();
+            shard.slots.push(Slot {
+                key: Arc::clone(&key),
+                entry,
+                used,
+                reclaim_at,
+            });
+            shard.index.insert(key, at);
+            evicted.map(|slot| slot.entry)
+        };
+        drop(shard);
+        drop(replaced);
         self.changed();
     }
 
     pub fn remove(&self, key: &str) -> bool {
-        let removed = self.entries.remove(key).is_some();
+        let mut shard = lock(self.shard(key));
+        let removed = shard.index.get(key).copied().map(|i| shard.remove_at(i));
+        drop(shard);
+        let found = removed.is_some();
+        drop(removed);
         self.changed();
-        removed
+        found
     }
 
     pub fn clear(&self) {
-        self.entries.invalidate_all();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let slots = std::mem::take(&mut shard.slots);
+            shard.index.clear();
+            drop(shard);
+            drop(slots);
+        }
         self.changed();
-        self.entries.run_pending_tasks();
     }
 
-    /// Entry count after pending maintenance (evictions, expiries) has run.
+    /// Entries held now (including ones past reclaim that nobody has touched since).
     pub fn len(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.shards.iter().map(|s| lock(s).slots.len() as u64).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -142,9 +245,10 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.entries.policy().max_capacity().unwrap_or(u64::MAX)
+        self.capacity
     }
 
+    /// Entries pushed out by capacity while they could still be served.
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }

@@ -174,7 +174,7 @@ impl Identity {
 }
 
 /// One remembered call: its key (saves the sha256) and, on a memory cache, the entry it
-/// found with the store generation it was found at (saves the moka lookup while valid).
+/// found with the store generation it was found at (saves the store lookup while valid).
 struct Remembered {
     key: Arc<str>,
     entry: Option<Arc<Entry<PyObj>>>,
@@ -653,7 +653,7 @@ impl PyCachedCall {
         let known = key.is_some() && entry.is_some();
         let key = key.unwrap_or_else(|| this.key_of_identity(&identity));
         // NOTE: a fresh memory hit stays here, with the GIL held: no thread hop, no Python
-        // frame, and (when remembered) no sha256 and no moka lookup. Everything else goes
+        // frame, and (when remembered) no sha256 and no store lookup. Everything else goes
         // through the engine's `begin`.
         if engine.remote().is_none() {
             if entry.is_none() {

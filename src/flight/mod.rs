@@ -242,7 +242,11 @@ impl<V> LeaderGuard<V> {
             state.outcome = Some(Arc::clone(&outcome));
             std::mem::take(&mut state.callbacks)
         };
-        self.flight.landed.notify_all();
+        // A sync waiter joined as a follower first, so with none there is nobody to wake
+        // (and notify_all is a syscall even then).
+        if self.flight.followers() > 0 {
+            self.flight.landed.notify_all();
+        }
         for callback in callbacks {
             callback(Arc::clone(&outcome));
         }

@@ -260,7 +260,7 @@ pub struct Found<V> {
 
 /// A write checked, stamped and encoded before anything is written.
 pub struct Write<V> {
-    key: String,
+    key: Arc<str>,
     entry: Arc<Entry<V>>,
     wire: Vec<u8>,
     keep_for: u64,
@@ -524,12 +524,12 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     ) -> CoreResult<Write<V>> {
         let now = self.now();
         let times = self.policy.stamp(now, ttl, stale_ttl, fastrand::f64)?;
-        self.plan_stamped(key, prepared, now, times, 0, times.keep_for(now))
+        self.plan_stamped(Arc::from(key), prepared, now, times, 0, times.keep_for(now))
     }
 
     fn plan_stamped(
         &self,
-        key: String,
+        key: Arc<str>,
         prepared: Prepared<V>,
         now: i64,
         times: Times,
@@ -790,7 +790,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                         self.loads_started.fetch_add(1, Ordering::Relaxed);
                         let ticket = Ticket {
                             engine: Arc::clone(self),
-                            key: key.to_owned(),
+                            key: Arc::clone(refresh.key()),
                             flight: Some(TicketFlight::Refresh(refresh)),
                             prior: Some(entry),
                             lock,
@@ -804,7 +804,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 self.loads_started.fetch_add(1, Ordering::Relaxed);
                 Begin::Load(Ticket {
                     engine: Arc::clone(self),
-                    key: key.to_owned(),
+                    key: Arc::clone(guard.key()),
                     flight: Some(TicketFlight::Load(guard)),
                     prior,
                     lock,
@@ -921,7 +921,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// kept by the backoff (and remembered past its expiry, so the next answer sees n).
     fn plan_load(
         &self,
-        key: &str,
+        key: &Arc<str>,
         prepared: Prepared<V>,
         negative: bool,
         prior: Option<&Arc<Entry<V>>>,
@@ -934,13 +934,20 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 let seconds = backoff.seconds(streak);
                 let times = self.policy.stamp(now, seconds, None, fastrand::f64)?;
                 let keep = (times.fresh_until - now).max(1) as u64 + backoff.max.ceil() as u64;
-                self.plan_stamped(key.to_owned(), prepared, now, times, streak, keep)
+                self.plan_stamped(Arc::clone(key), prepared, now, times, streak, keep)
             }
             None => {
                 let times = self
                     .policy
                     .stamp(now, policy.ttl, policy.stale_ttl, fastrand::f64)?;
-                self.plan_stamped(key.to_owned(), prepared, now, times, 0, times.keep_for(now))
+                self.plan_stamped(
+                    Arc::clone(key),
+                    prepared,
+                    now,
+                    times,
+                    0,
+                    times.keep_for(now),
+                )
             }
         }
     }
@@ -983,7 +990,7 @@ enum TicketFlight<V> {
 /// waiter takes over, and releases the lock.
 pub struct Ticket<V: Send + Sync + 'static, R: Remote> {
     engine: Arc<Engine<V, R>>,
-    key: String,
+    key: Arc<str>,
     /// None once landed.
     flight: Option<TicketFlight<V>>,
     prior: Option<Arc<Entry<V>>>,

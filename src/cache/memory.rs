@@ -175,14 +175,14 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
         Some(Arc::clone(&slot.entry))
     }
 
-    pub fn insert(&self, key: String, entry: Arc<Entry<V>>) {
+    pub fn insert(&self, key: Arc<str>, entry: Arc<Entry<V>>) {
         let now = Instant::now();
         let reclaim_at = now + entry.keep_for;
         let mut shard = lock(self.shard(&key));
         shard.uses += 1;
         let used = shard.uses;
         // Values leave outside the lock (their drop may be arbitrary work for V).
-        let replaced = if let Some(&i) = shard.index.get(key.as_str()) {
+        let replaced = if let Some(&i) = shard.index.get(&*key) {
             let slot = &mut shard.slots[i];
             slot.used = used;
             slot.reclaim_at = reclaim_at;
@@ -198,7 +198,6 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
             } else {
                 None
             };
-            let key: Arc<str> = Arc::from(key);
             let at = shard.slots.len();
             shard.slots.push(Slot {
                 key: Arc::clone(&key),

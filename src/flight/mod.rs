@@ -132,7 +132,7 @@ impl<V> Flight<V> {
 }
 
 pub struct SingleFlight<V> {
-    flights: Mutex<HashMap<String, Arc<Flight<V>>>>,
+    flights: Mutex<HashMap<Arc<str>, Arc<Flight<V>>, foldhash::fast::RandomState>>,
 }
 
 pub enum Joined<V> {
@@ -143,7 +143,7 @@ pub enum Joined<V> {
 impl<V> Default for SingleFlight<V> {
     fn default() -> Self {
         Self {
-            flights: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::default()),
         }
     }
 }
@@ -163,10 +163,11 @@ impl<V> SingleFlight<V> {
             return Joined::Follower(Arc::clone(flight));
         }
         let flight = Arc::new(Flight::new());
-        flights.insert(key.to_owned(), Arc::clone(&flight));
+        let key: Arc<str> = Arc::from(key);
+        flights.insert(Arc::clone(&key), Arc::clone(&flight));
         Joined::Leader(LeaderGuard {
             group: Arc::clone(self),
-            key: key.to_owned(),
+            key,
             flight,
             landed: false,
         })
@@ -198,13 +199,13 @@ impl<V> SingleFlight<V> {
 
 pub struct LeaderGuard<V> {
     group: Arc<SingleFlight<V>>,
-    key: String,
+    key: Arc<str>,
     flight: Arc<Flight<V>>,
     landed: bool,
 }
 
 impl<V> LeaderGuard<V> {
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> &Arc<str> {
         &self.key
     }
 
@@ -231,8 +232,8 @@ impl<V> LeaderGuard<V> {
         // joining one that has ended.
         let removed = {
             let mut flights = lock(&self.group.flights);
-            match flights.get(&self.key) {
-                Some(current) if Arc::ptr_eq(current, &self.flight) => flights.remove(&self.key),
+            match flights.get(&*self.key) {
+                Some(current) if Arc::ptr_eq(current, &self.flight) => flights.remove(&*self.key),
                 _ => None,
             }
         };

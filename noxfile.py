@@ -21,6 +21,7 @@ TEST_DEPS = [
     "pytest-asyncio>=0.23",
     "hypothesis>=6",
     "redis>=5",
+    "pydantic>=2",
     # The web integrations, their test clients, and real servers for the examples.
     "flask>=2.2",
     "fastapi>=0.100",
@@ -55,6 +56,7 @@ PEERS = [
     "limits",
     "pyrate-limiter",
     "aiolimiter",
+    "orjson",
 ]
 
 
@@ -111,3 +113,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benches/bench_cached.py", *session.posargs)
     session.run("python", "benches/bench_registry.py", *session.posargs)
     session.run("python", "benches/bench_limits.py", *session.posargs)
+    session.run("python", "benches/bench_engine.py", *session.posargs)

@@ -215,12 +215,16 @@ def follower_delay(server: RedisServer) -> None:
     rounds = 10 if QUICK else 30
     for seed in range(rounds):
         gate.clear()
-        leader = threading.Thread(target=lambda s=seed: (lead(s), written.append(time.perf_counter())))
+        leader = threading.Thread(
+            target=lambda s=seed: (lead(s), written.append(time.perf_counter()))
+        )
         leader.start()
         while not raw.exists(f"wait:lock:{lead.key(seed)}"):
             time.sleep(0.0005)
         returned: list[float] = []
-        follower = threading.Thread(target=lambda s=seed: (follow(s), returned.append(time.perf_counter())))
+        follower = threading.Thread(
+            target=lambda s=seed: (follow(s), returned.append(time.perf_counter()))
+        )
         follower.start()
         while not raw.exists(f"wait:waiters:{lead.key(seed)}"):
             time.sleep(0.0005)

@@ -223,7 +223,7 @@ def follower_delay(server: RedisServer) -> None:
             time.sleep(0.0005)
         returned: list[float] = []
         follower = threading.Thread(
-            target=lambda s=seed: (follow(s), returned.append(time.perf_counter()))
+            target=lambda s=seed, out=returned: (follow(s), out.append(time.perf_counter()))
         )
         follower.start()
         while not raw.exists(f"wait:waiters:{lead.key(seed)}"):

@@ -670,23 +670,10 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
 
     /// The start of a cached call: serve, refresh, or load (see `Begin`). `force` loads
     /// even when a fresh value is there (`refresh()`). `blocking`: the caller's thread
-    /// waits (a sync call), so waiting for a load this thread leads is refused.
+    /// waits (a sync call), so waiting for a load this thread leads is refused. `seen`:
+    /// the memory generation a caller read first and what it found then; while the
+    /// generation has not moved, that answer is still current and memory is not read again.
     pub async fn begin(
-        self: &Arc<Self>,
-        key: &str,
-        policy: &CallPolicy,
-        decoder: &dyn Decode<V>,
-        force: bool,
-        blocking: bool,
-    ) -> CoreResult<Begin<V, R>> {
-        self.begin_after(key, policy, decoder, force, blocking, None)
-            .await
-    }
-
-    /// `begin` for a caller that has just read memory: `seen` is the store generation it
-    /// read first and what it found. While the generation has not moved, that answer is
-    /// still current and memory is not read again.
-    pub async fn begin_after(
         self: &Arc<Self>,
         key: &str,
         policy: &CallPolicy,

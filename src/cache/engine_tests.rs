@@ -223,7 +223,7 @@ fn policy(lock: bool) -> CallPolicy {
 }
 
 fn begin(e: &TestEngine, p: &CallPolicy) -> Begin<String, MockRemote> {
-    block_on(e.begin("k", p, &Text, false, true)).unwrap()
+    block_on(e.begin("k", p, &Text, false, true, None)).unwrap()
 }
 
 /// Runs one cached call to its end: the value served, and whether the function ran.
@@ -422,7 +422,7 @@ fn a_thread_never_waits_for_its_own_load() {
     let Begin::Load(_ticket) = begin(&e, &p) else {
         panic!()
     };
-    let err = block_on(e.begin("k", &p, &Text, false, true))
+    let err = block_on(e.begin("k", &p, &Text, false, true, None))
         .err()
         .unwrap();
     assert!(matches!(err, CoreError::WouldDeadlock(_)));
@@ -458,7 +458,7 @@ fn outage_fails_open_to_memory_or_raises() {
     );
     assert_eq!(remote.commands(), 0, "a store marked down is not asked");
     let (strict, _clock) = engine(Some(remote.clone()), false);
-    let err = block_on(strict.begin("k", &p, &Text, false, true))
+    let err = block_on(strict.begin("k", &p, &Text, false, true, None))
         .err()
         .unwrap();
     assert!(matches!(err, CoreError::BackendUnavailable(_)));

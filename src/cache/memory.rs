@@ -269,7 +269,7 @@ mod tests {
     fn bounded_and_counts_evictions() {
         let store = MemoryStore::new(10);
         for i in 0..200 {
-            store.insert(format!("k{i}"), Entry::new(i, times(100), 0));
+            store.insert(format!("k{i}").into(), Entry::new(i, times(100), 0));
         }
         assert!(store.len() <= 10, "len {}", store.len());
         assert_eq!(store.evictions(), 190, "evictions");
@@ -292,12 +292,28 @@ mod tests {
         assert!(store.remove("a"));
         assert!(moved(&store), "remove");
         for i in 0..5 {
-            store.insert(format!("k{i}"), Entry::new(i, times(100), 0));
+            store.insert(format!("k{i}").into(), Entry::new(i, times(100), 0));
         }
         store.len();
         assert!(moved(&store));
         store.clear();
         assert!(moved(&store), "clear");
+    }
+
+    #[test]
+    fn entries_in_use_outlive_cold_ones() {
+        let store = MemoryStore::new(100);
+        for i in 0..100 {
+            store.insert(format!("k{i}").into(), Entry::new(i, times(100), 0));
+        }
+        for i in 100..300 {
+            for hot in 0..10 {
+                assert!(store.get(&format!("k{hot}")).is_some(), "hot k{hot} evicted at {i}");
+            }
+            store.insert(format!("k{i}").into(), Entry::new(i, times(100), 0));
+        }
+        assert_eq!(store.len(), 100);
+        assert!(store.get("k299").is_some(), "the newest entry is kept");
     }
 
     #[test]

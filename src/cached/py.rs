@@ -521,7 +521,7 @@ impl PyCachedCall {
         let begin = run_sync(
             py,
             remote,
-            engine.begin_after(key, &this.policy, &*this.decoder, force, true, seen),
+            engine.begin(key, &this.policy, &*this.decoder, force, true, seen),
         )?;
         let served = match begin {
             Begin::Serve(served) => served,
@@ -725,7 +725,11 @@ impl PyCachedCall {
         let policy = Arc::clone(&this.policy);
         let decoder = Arc::clone(&this.decoder);
         let owner = slf.clone().unbind();
-        let work = async move { engine.begin(&key, &policy, &*decoder, force, false).await };
+        let work = async move {
+            engine
+                .begin(&key, &policy, &*decoder, force, false, None)
+                .await
+        };
         run_async(py, this.cache.uses_remote(), work, move |py, begin| {
             let owner = owner.bind(py);
             let pair = match begin? {

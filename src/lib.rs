@@ -24,7 +24,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::cache::py::{PyCache, PyEnvelope, PyLookup};
+    use crate::cache::py::{seconds_py, PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
     use crate::cached::py::{
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,

@@ -154,3 +154,37 @@ def test_memory_hits_share_the_stored_object_unless_isolated() -> None:
     first = isolated(1)
     first["items"].append("mutated")
     assert isolated(1) == {"items": [1]}, "isolated=True hands out a fresh copy per hit"
+
+
+@pytest.mark.parametrize("name", ["lock_ttl", "wait_timeout"])
+@pytest.mark.parametrize("seconds", [1e300, float("inf"), -1.0, 0.0])
+def test_extreme_durations_are_value_errors(name: str, seconds: float) -> None:
+    cache = tenuto.Cache()
+    with pytest.raises(ValueError, match=name):
+        cache.cached(ttl=60, **{name: seconds})(lambda x: x)
+
+
+@pytest.mark.parametrize("name", ["connect_timeout", "command_timeout"])
+def test_extreme_timeouts_are_value_errors(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        tenuto.Cache("redis://127.0.0.1:1", **{name: 1e300})
+
+
+@pytest.mark.parametrize("ttl", [2**63, 1e300])
+def test_huge_ttls_are_value_errors(cache: tenuto.Cache, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        cache.set("k", 1, ttl=ttl)
+
+
+def test_generators_are_refused_at_decoration() -> None:
+    cache = tenuto.Cache()
+
+    def tracks():
+        yield 1
+
+    async def atracks():
+        yield 1
+
+    for fn in (tracks, atracks):
+        with pytest.raises(TypeError, match="return a list"):
+            cache.cached(ttl=60)(fn)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state
+from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state, _seconds
 
 log = logging.getLogger("tenuto.cached")
 
@@ -199,12 +199,9 @@ _KIND_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWOR
 
 
 def _check_seconds(name: str, value: Any, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    """The native duration check (one rule for every duration tenuto takes)."""
+    if not (optional and value is None):
+        _seconds(name, value)
 
 
 # Return annotations that JSON already round-trips: no TypeAdapter needed for them.
@@ -287,6 +284,11 @@ def decorator(
     def decorate(fn: Callable[..., Any]) -> Any:
         if not callable(fn):
             raise TypeError("@cache.cached decorates functions")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@cache.cached cannot cache the generator {fn.__qualname__}(): a generator "
+                "is used up once read; return a list instead"
+            )
         is_async = inspect.iscoroutinefunction(fn)
         key_name = name or f"{fn.__module__}.{fn.__qualname__}"
         signature = inspect.signature(fn)

@@ -34,6 +34,7 @@ __all__ = [
     "Ticket",
     "__version__",
     "_record_state",
+    "_seconds",
     "_request_var",
     "current_state",
     "stable_key",
@@ -54,6 +55,7 @@ class CircuitOpen(TenutoError):
     retry_after: float
 
 def stable_key(name: str, data: Any) -> str: ...
+def _seconds(name: str, value: Any) -> float: ...
 
 @final
 class Envelope:

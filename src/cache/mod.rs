@@ -53,14 +53,24 @@ impl Times {
     }
 }
 
-/// Validates a TTL given in seconds: a finite number above zero.
+/// The longest duration tenuto accepts, in seconds (about 317 years): epoch arithmetic
+/// and `Duration`s stay far from overflow.
+pub const MAX_SECONDS: f64 = 1e10;
+
+/// Validates a duration given in seconds (a TTL, a timeout): a finite number above zero
+/// and at most `MAX_SECONDS`. The one check every duration argument goes through.
 pub fn check_ttl(name: &str, seconds: f64) -> CoreResult<f64> {
-    if !seconds.is_finite() || seconds <= 0.0 {
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > MAX_SECONDS {
         return Err(CoreError::invalid(format!(
-            "{name} must be a positive number of seconds, got {seconds}"
+            "{name} must be a positive number of seconds up to {MAX_SECONDS:e}, got {seconds}"
         )));
     }
     Ok(seconds)
+}
+
+/// `check_ttl` as a `Duration`.
+pub fn check_duration(name: &str, seconds: f64) -> CoreResult<std::time::Duration> {
+    Ok(std::time::Duration::from_secs_f64(check_ttl(name, seconds)?))
 }
 
 /// How `set` turns a TTL into envelope times: ±`jitter` × ttl of random spread so entries

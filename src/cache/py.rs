@@ -498,6 +498,14 @@ fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
     }
 }
 
+/// Checks a duration argument the way every tenuto duration is checked (a positive number
+/// of seconds, at most `MAX_SECONDS`; bool refused) and returns it as a float.
+#[pyfunction]
+#[pyo3(name = "_seconds")]
+pub fn seconds_py(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    seconds_arg(name, value)
+}
+
 /// A TTL argument: a positive number of seconds (bool refused).
 pub(crate) fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     if value.cast::<PyBool>().is_ok() {
@@ -540,12 +548,7 @@ fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
 }
 
 fn timeout_arg(name: &str, seconds: f64) -> PyResult<Duration> {
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds, got {seconds}"
-        )));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(super::check_duration(name, seconds)?)
 }
 
 fn key_list(keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {

@@ -24,7 +24,7 @@ use crate::cache::py::{
     run_async, run_sync, seconds_arg, CacheBinding, PyCache, PyDecoder, PyEnvelope, PyLookup, PyObj,
 };
 use crate::cache::redis::RedisStore;
-use crate::cache::State;
+use crate::cache::{check_duration, State};
 use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
 use crate::graveyard::release_pending;
@@ -609,10 +609,10 @@ impl PyCachedCall {
         };
         let lock = match lock_ttl {
             Some(t) if !t.is_none() => Some(LockPolicy {
-                ttl: Duration::from_secs_f64(seconds_arg("lock_ttl", t)?),
+                ttl: check_duration("lock_ttl", seconds_arg("lock_ttl", t)?)?,
                 wait: match wait_timeout {
                     Some(w) if !w.is_none() => {
-                        Duration::from_secs_f64(seconds_arg("wait_timeout", w)?)
+                        check_duration("wait_timeout", seconds_arg("wait_timeout", w)?)?
                     }
                     _ => Duration::from_secs(8),
                 },

@@ -189,7 +189,9 @@ impl PyFlight {
         timeout: f64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let flight = Arc::clone(&self.flight);
-        let timeout = std::time::Duration::from_secs_f64(timeout.max(0.0));
+        // Saturating: an enormous timeout waits "forever" instead of panicking.
+        let timeout = std::time::Duration::try_from_secs_f64(timeout.max(0.0))
+            .unwrap_or(std::time::Duration::MAX);
         let outcome = py.detach(move || flight.wait_timeout(timeout));
         outcome.map(|o| outcome_pair(py, &o)).transpose()
     }

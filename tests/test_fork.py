@@ -111,3 +111,32 @@ def test_memory_cache_survives_fork() -> None:
     report = run_in_fork(child)
     assert report == {"ok": True, "k": "parent value", "c": 1}
     assert cache.get("c").state == "miss", "the child's writes stay in the child"
+
+
+def test_child_forks_during_a_load_and_loads_itself(backend: str, request) -> None:
+    """A thread of the parent is inside a load when the process forks: the child's call
+    of the same key must not wait for a leader that does not exist there."""
+    import threading
+
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    cache = tenuto.Cache(url, namespace=f"fork{os.getpid()}{time.monotonic_ns()}")
+    inside, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=60, wait_timeout=1)
+    def slow(x: str) -> str:
+        if os.getpid() == parent:
+            inside.set()
+            assert release.wait(10)
+            return "parent"
+        return "child"
+
+    parent = os.getpid()
+    loader = threading.Thread(target=slow, args=("x",))
+    loader.start()
+    assert inside.wait(10)
+    try:
+        report = run_in_fork(lambda: {"value": slow("x")})
+    finally:
+        release.set()
+        loader.join(10)
+    assert report == {"ok": True, "value": "child"}

@@ -308,7 +308,10 @@ mod tests {
         }
         for i in 100..300 {
             for hot in 0..10 {
-                assert!(store.get(&format!("k{hot}")).is_some(), "hot k{hot} evicted at {i}");
+                assert!(
+                    store.get(&format!("k{hot}")).is_some(),
+                    "hot k{hot} evicted at {i}"
+                );
             }
             store.insert(format!("k{i}").into(), Entry::new(i, times(100), 0));
         }

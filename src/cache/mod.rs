@@ -70,7 +70,9 @@ pub fn check_ttl(name: &str, seconds: f64) -> CoreResult<f64> {
 
 /// `check_ttl` as a `Duration`.
 pub fn check_duration(name: &str, seconds: f64) -> CoreResult<std::time::Duration> {
-    Ok(std::time::Duration::from_secs_f64(check_ttl(name, seconds)?))
+    Ok(std::time::Duration::from_secs_f64(check_ttl(
+        name, seconds,
+    )?))
 }
 
 /// How `set` turns a TTL into envelope times: ±`jitter` × ttl of random spread so entries

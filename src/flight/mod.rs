@@ -131,8 +131,11 @@ impl<V> Flight<V> {
     }
 }
 
+type FlightMap<V> = HashMap<Arc<str>, Arc<Flight<V>>, foldhash::fast::RandomState>;
+
 pub struct SingleFlight<V> {
-    flights: Mutex<HashMap<Arc<str>, Arc<Flight<V>>, foldhash::fast::RandomState>>,
+    /// The flights in progress, and the fork epoch they belong to.
+    flights: Mutex<(u64, FlightMap<V>)>,
 }
 
 pub enum Joined<V> {
@@ -143,7 +146,7 @@ pub enum Joined<V> {
 impl<V> Default for SingleFlight<V> {
     fn default() -> Self {
         Self {
-            flights: Mutex::new(HashMap::default()),
+            flights: Mutex::new((crate::runtime::fork_epoch(), HashMap::default())),
         }
     }
 }
@@ -153,9 +156,21 @@ impl<V> SingleFlight<V> {
         Arc::new(Self::default())
     }
 
+    /// The flights of this process. A forked child forgets its parent's: their leaders are
+    /// threads that do not exist in the child, and waiting for them would never end.
+    fn map(&self) -> MutexGuard<'_, (u64, FlightMap<V>)> {
+        let mut flights = lock(&self.flights);
+        let epoch = crate::runtime::fork_epoch();
+        if flights.0 != epoch {
+            *flights = (epoch, HashMap::default());
+        }
+        flights
+    }
+
     /// Joins the flight of `key`, starting it (as leader) when there is none.
     pub fn join(self: &Arc<Self>, key: &str) -> Joined<V> {
-        let mut flights = lock(&self.flights);
+        let mut guard = self.map();
+        let flights = &mut guard.1;
         if let Some(flight) = flights.get(key) {
             flight
                 .followers
@@ -175,21 +190,21 @@ impl<V> SingleFlight<V> {
 
     /// Followers of the flight of `key` so far (0 when none is in flight).
     pub fn followers(&self, key: &str) -> usize {
-        lock(&self.flights).get(key).map_or(0, |f| f.followers())
+        self.map().1.get(key).map_or(0, |f| f.followers())
     }
 
     /// The flight of `key`, if one is in progress (without joining it).
     pub fn current(&self, key: &str) -> Option<Arc<Flight<V>>> {
-        lock(&self.flights).get(key).cloned()
+        self.map().1.get(key).cloned()
     }
 
     pub fn is_in_flight(&self, key: &str) -> bool {
-        lock(&self.flights).contains_key(key)
+        self.map().1.contains_key(key)
     }
 
     /// Keys in flight now; 0 when idle (no per-key state is left behind).
     pub fn len(&self) -> usize {
-        lock(&self.flights).len()
+        self.map().1.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -231,7 +246,8 @@ impl<V> LeaderGuard<V> {
         // Leave the map first, so a caller arriving now starts a new flight rather than
         // joining one that has ended.
         let removed = {
-            let mut flights = lock(&self.group.flights);
+            let mut guard = self.group.map();
+            let flights = &mut guard.1;
             match flights.get(&*self.key) {
                 Some(current) if Arc::ptr_eq(current, &self.flight) => flights.remove(&*self.key),
                 _ => None,

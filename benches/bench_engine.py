@@ -219,14 +219,14 @@ def follower_delay(server: RedisServer) -> None:
             target=lambda s=seed: (lead(s), written.append(time.perf_counter()))
         )
         leader.start()
-        while not raw.exists(f"wait:lock:{lead.key(seed)}"):
+        while not raw.exists(f"wait|lock|{lead.key(seed)}"):
             time.sleep(0.0005)
         returned: list[float] = []
         follower = threading.Thread(
             target=lambda s=seed, out=returned: (follow(s), out.append(time.perf_counter()))
         )
         follower.start()
-        while not raw.exists(f"wait:waiters:{lead.key(seed)}"):
+        while not raw.exists(f"wait|waiters|{lead.key(seed)}"):
             time.sleep(0.0005)
         gate.set()
         leader.join()

@@ -104,7 +104,7 @@ def test_a_cancelled_async_leader_releases_its_lock_at_once(redis_server, raw_re
         await asyncio.Event().wait()  # never answers
         return x
 
-    lock_key = f"{namespace}:lock:{slow.key(1)}"
+    lock_key = f"{namespace}|lock|{slow.key(1)}"
 
     async def main() -> float:
         task = asyncio.create_task(slow(1))
@@ -159,12 +159,12 @@ def test_another_process_waits_for_the_write_without_polling(own_redis, raw_own)
     out: dict[str, object] = {}
     leader = threading.Thread(target=lambda: out.setdefault("leader", lead("s")))
     leader.start()
-    while not raw_own.exists(f"p:lock:{lead.key('s')}"):
+    while not raw_own.exists(f"p|lock|{lead.key('s')}"):
         time.sleep(0.001)
     raw_own.config_resetstat()
     follower = threading.Thread(target=lambda: out.setdefault("follower", follow("s")))
     follower.start()
-    while not raw_own.exists(f"p:waiters:{lead.key('s')}"):
+    while not raw_own.exists(f"p|waiters|{lead.key('s')}"):
         time.sleep(0.001)
     gate.set()
     leader.join(10)

@@ -188,3 +188,45 @@ def test_generators_are_refused_at_decoration() -> None:
     for fn in (tracks, atracks):
         with pytest.raises(TypeError, match="return a list"):
             cache.cached(ttl=60)(fn)
+
+
+def test_user_keys_cannot_name_a_cached_calls_lock(redis_server, raw_redis, namespace) -> None:
+    cache = tenuto.Cache(redis_server.url, namespace=namespace)
+
+    @cache.cached(ttl=60, wait_timeout=5)
+    def song(x: int) -> int:
+        return x
+
+    cache.set("lock:" + song.key(1), "not a lock", ttl=60)
+    cache.set("waiters:" + song.key(1), "not a count", ttl=60)
+    assert song(1) == 1 and cache.stats()["backend_errors"] == 0
+    with pytest.raises(ValueError, match=r"\|"):
+        tenuto.Cache(namespace="a|b")
+
+
+def test_huge_backoff_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="Backoff.max"):
+        tenuto.Backoff(base=1, max=1.8e19)
+
+
+def test_values_the_store_dropped_are_freed() -> None:
+    """The per-function memo behind fast hits must not keep values alive."""
+    import gc
+    import weakref
+
+    cache = tenuto.Cache(serializer="object", max_entries=2)
+
+    class Blob:
+        pass
+
+    @cache.cached(ttl=60)
+    def blob(i: int) -> Blob:
+        return Blob()
+
+    refs = [weakref.ref(blob(i)) for i in range(2)]
+    assert blob(0) is refs[0]() and blob(1) is refs[1](), "hits remembered by the memo"
+    blob.invalidate(0)
+    for i in range(2, 6):
+        blob(i)  # pushes key 1 out of the store
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None

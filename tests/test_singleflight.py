@@ -223,7 +223,7 @@ def test_four_processes_eight_threads_one_upstream_call(redis_server, raw_redis,
     assert {v for o in outputs for v in o} == {"features of s1"}
     assert int(raw_redis.get(f"{namespace}:upstream-calls")) == 1
     assert (
-        raw_redis.exists(f"{namespace}:lock:" + tenuto.stable_key("cold", {"song": "s1"})) == 0
+        raw_redis.exists(f"{namespace}|lock|" + tenuto.stable_key("cold", {"song": "s1"})) == 0
     ), "the lock was released"
 
 

@@ -52,6 +52,8 @@ class Backoff:
                 raise TypeError(f"Backoff.{field} must be a number, not {type(value).__name__}")
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"Backoff.{field} must be a positive number, got {value!r}")
+        _seconds("Backoff.base", self.base)
+        _seconds("Backoff.max", self.max)
         if self.factor < 1:
             raise ValueError(f"Backoff.factor must be at least 1, got {self.factor!r}")
         if self.max < self.base:

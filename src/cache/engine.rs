@@ -11,9 +11,10 @@
 //! Operations are async: on memory they complete on their first poll (the bindings run them
 //! inline), on a remote they run on tenuto's runtime.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::memory::{Entry, MemoryStore};
@@ -288,6 +289,10 @@ pub struct Stats {
     pub evictions: u64,
     pub size: u64,
     pub degraded: bool,
+    /// Writes the server refused (kept in memory instead).
+    pub refused_writes: u64,
+    /// Some keys live in memory because the server refused their writes.
+    pub degraded_writes: bool,
 }
 
 pub struct Engine<V: Send + Sync + 'static, R: Remote> {
@@ -305,6 +310,12 @@ pub struct Engine<V: Send + Sync + 'static, R: Remote> {
     loads_started: AtomicU64,
     loads: Arc<SingleFlight<Landing<V>>>,
     refreshes: Arc<SingleFlight<()>>,
+    /// Keys whose last write the remote refused (OOM, READONLY...): their value lives in
+    /// memory and is read from there until a later write of the key succeeds.
+    refused: Mutex<HashSet<Arc<str>>>,
+    refused_writes: AtomicU64,
+    /// The last server error logged: each condition is logged once, not once per call.
+    last_logged: Mutex<String>,
 }
 
 enum Route<R> {
@@ -316,6 +327,12 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     pub fn new(config: Config, clock: ClockRef, remote: Option<Arc<R>>) -> CoreResult<Arc<Self>> {
         if config.namespace.is_empty() {
             return Err(CoreError::invalid("namespace must not be empty"));
+        }
+        if config.namespace.contains('|') {
+            return Err(CoreError::invalid(format!(
+                "namespace must not contain '|' (it names tenuto's own keys), got {:?}",
+                config.namespace
+            )));
         }
         if config.max_entries < 1 {
             return Err(CoreError::invalid("max_entries must be at least 1"));
@@ -336,6 +353,9 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             loads_started: AtomicU64::new(0),
             loads: SingleFlight::new(),
             refreshes: SingleFlight::new(),
+            refused: Mutex::new(HashSet::new()),
+            refused_writes: AtomicU64::new(0),
+            last_logged: Mutex::new(String::new()),
         }))
     }
 
@@ -366,13 +386,16 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         k
     }
 
+    /// The value key and the cached call's own keys. Those use `|` where user keys have
+    /// `{namespace}:`, and namespaces may not contain `|`, so no user key names them and
+    /// `clear()` (which removes `{namespace}:*`) leaves them to expire on their own.
     pub fn flight_keys(&self, key: &str) -> FlightKeys {
         let ns = &self.namespace;
         FlightKeys {
             value: self.remote_key(key),
-            lock: format!("{ns}:lock:{key}"),
-            waiters: format!("{ns}:waiters:{key}"),
-            done: format!("{ns}:done:{key}"),
+            lock: format!("{ns}|lock|{key}"),
+            waiters: format!("{ns}|waiters|{key}"),
+            done: format!("{ns}|done|{key}"),
         }
     }
 
@@ -410,11 +433,51 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         Counters::bump(&self.counters.backend_errors);
         if self.fail_open {
             if let StoreError::Command(msg) = &err {
-                log::warn!(target: "tenuto::cache", "Redis command failed: {msg}; serving from memory");
+                let first = {
+                    let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
+                    let first = *last != *msg;
+                    if first {
+                        last.clone_from(msg);
+                    }
+                    first
+                };
+                if first {
+                    log::warn!(target: "tenuto::cache", "Redis refused a command: {msg}; serving from memory (logged once per condition)");
+                }
             }
             return Ok(());
         }
         Err(err.into())
+    }
+
+    /// After a remote write of `key`: on success the memory copy (from an outage or a
+    /// refused write) goes; on failure the value is kept in memory, and a refused write
+    /// is remembered so reads find it there while the remote has nothing.
+    fn after_remote_write(
+        &self,
+        key: &Arc<str>,
+        entry: &Arc<Entry<V>>,
+        result: &Result<(), StoreError>,
+    ) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                refused.remove(key);
+                drop(refused);
+                self.memory.remove(key);
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Command(_)) {
+                    self.refused_writes.fetch_add(1, Ordering::Relaxed);
+                    if refused.len() as u64 >= self.memory.capacity() {
+                        refused.clear(); // bounded like memory; the oldest memory copies are gone anyway
+                    }
+                    refused.insert(Arc::clone(key));
+                }
+                drop(refused);
+                self.memory.insert(Arc::clone(key), Arc::clone(entry));
+            }
+        }
     }
 
     fn state_of(&self, entry: &Entry<V>) -> State {
@@ -458,9 +521,16 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         bytes: Option<Vec<u8>>,
         decoder: &dyn Decode<V>,
     ) -> Option<Arc<Entry<V>>> {
-        bytes
-            .and_then(|b| self.decode(key, &b, decoder))
-            .or_else(|| self.memory.get(key))
+        match bytes.and_then(|b| self.decode(key, &b, decoder)) {
+            Some(entry) => Some(entry),
+            None if self.is_refused(key) => self.memory.get(key),
+            None => None,
+        }
+    }
+
+    fn is_refused(&self, key: &str) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        !refused.is_empty() && refused.contains(key)
     }
 
     /// Reads `key` from memory, or the remote with fail-open to memory.
@@ -561,36 +631,29 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// remote fails (and the cache fails open) the values are kept in memory instead; when
     /// it succeeds, any memory copy of those keys from an earlier outage is dropped.
     pub async fn commit(&self, writes: Vec<Write<V>>) -> CoreResult<Vec<Arc<Entry<V>>>> {
-        let in_memory = match self.route()? {
-            Route::Memory => true,
+        let result = match self.route()? {
+            Route::Memory => None,
             Route::Remote(remote) => {
                 let items = writes
                     .iter()
                     .map(|w| (self.remote_key(&w.key), w.wire.clone(), w.keep_for))
                     .collect();
-                match remote.write_many(items, Vec::new()).await {
-                    Ok(()) => false,
-                    Err(err) => {
-                        self.absorb(err)?;
-                        true
-                    }
-                }
+                Some(remote.write_many(items, Vec::new()).await)
             }
         };
         self.counters
             .sets
             .fetch_add(writes.len() as u64, Ordering::Relaxed);
-        Ok(writes
-            .into_iter()
-            .map(|w| {
-                if in_memory {
-                    self.memory.insert(w.key, Arc::clone(&w.entry));
-                } else {
-                    self.memory.remove(&w.key);
-                }
-                w.entry
-            })
-            .collect())
+        for w in &writes {
+            match &result {
+                None => self.memory.insert(Arc::clone(&w.key), Arc::clone(&w.entry)),
+                Some(outcome) => self.after_remote_write(&w.key, &w.entry, outcome),
+            }
+        }
+        if let Some(Err(err)) = result {
+            self.absorb(err)?;
+        }
+        Ok(writes.into_iter().map(|w| w.entry).collect())
     }
 
     /// Deletes keys everywhere; returns how many existed.
@@ -598,6 +661,10 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         let mut removed = 0;
         for key in &keys {
             removed += u64::from(self.memory.remove(key));
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key.as_str());
         }
         if let Route::Remote(remote) = self.route()? {
             let remote_keys = keys.iter().map(|k| self.remote_key(k)).collect();
@@ -615,6 +682,10 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// Empties the memory tier and deletes the namespace's keys remotely.
     pub async fn clear(&self) -> CoreResult<()> {
         self.memory.clear();
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if let Route::Remote(remote) = self.route()? {
             let prefix = format!("{}:", self.namespace);
             if let Err(err) = remote.delete_prefixed(prefix).await {
@@ -641,6 +712,12 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             evictions: self.memory.evictions(),
             size,
             degraded: self.remote.as_ref().is_some_and(|r| r.is_down()),
+            refused_writes: self.refused_writes.load(Ordering::Relaxed),
+            degraded_writes: !self
+                .refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty(),
         }
     }
 
@@ -829,6 +906,19 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 .await;
             let (bytes, reply) = match read {
                 Ok(answer) => answer,
+                Err(StoreError::Command(msg)) => {
+                    // The server answers but refuses the lock (full, read-only replica):
+                    // read the value without it, so stale data is still served.
+                    self.absorb(StoreError::Command(msg))?;
+                    let prior = match remote.get(keys.value.clone()).await {
+                        Ok(bytes) => self.remote_or_memory(key, bytes, decoder),
+                        Err(err) => {
+                            self.absorb(err)?;
+                            self.memory.get(key)
+                        }
+                    };
+                    return Ok(self.decide(key, guard, prior, None, force));
+                }
                 Err(err) => {
                     // Lock errors fail open: go on without the lock.
                     self.absorb(err)?;
@@ -861,7 +951,11 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 }
             }
             let elsewhere = wants_lock && held.is_none();
-            if !elsewhere || (state == State::Stale && !force) {
+            if force && elsewhere {
+                // `refresh()` asked for a fetch now: do not wait for another process's.
+                return Ok(self.decide(key, guard, prior, None, true));
+            }
+            if !elsewhere || state == State::Stale {
                 // Ours to load (or to refresh); or stale and another process refreshes
                 // it, in which case the stale value is served as it is.
                 let begin = self.decide(key, guard, prior, held, force);
@@ -1036,18 +1130,9 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
                     .map(|mut l| std::mem::take(&mut l.token))
                     .unwrap_or_default();
                 let wire = Some((write.wire.clone(), write.keep_for));
-                match remote.finish(&keys, wire, &token).await {
-                    Ok(()) => {
-                        engine.memory.remove(&self.key);
-                        Ok(())
-                    }
-                    Err(err) => {
-                        engine
-                            .memory
-                            .insert(self.key.clone(), Arc::clone(&write.entry));
-                        engine.absorb(err)
-                    }
-                }
+                let outcome = remote.finish(&keys, wire, &token).await;
+                engine.after_remote_write(&self.key, &write.entry, &outcome);
+                outcome.or_else(|err| engine.absorb(err))
             }
             (Ok(Route::Memory), lock) => {
                 drop(lock);

@@ -21,6 +21,7 @@ struct MockRemote {
     woken: tokio::sync::Notify,
     down: AtomicBool,
     refuse_writes: AtomicBool,
+    refuse_locks: AtomicBool,
     commands: AtomicUsize,
 }
 
@@ -107,6 +108,11 @@ impl Remote for MockRemote {
         now: i64,
     ) -> Result<(Option<Vec<u8>>, LockReply), StoreError> {
         self.command()?;
+        if self.refuse_locks.load(Ordering::SeqCst) {
+            return Err(StoreError::Command(
+                "READONLY You can't write against a read only replica".into(),
+            ));
+        }
         let value = self.values.lock().unwrap().get(&keys.value).cloned();
         let servable = value.as_ref().map(|v| {
             let wire = decode_envelope(v).unwrap();
@@ -540,4 +546,43 @@ fn unreadable_remote_values_are_counted_misses() {
     assert_eq!(state(&e), State::Miss);
     assert_eq!(e.stats().decode_errors, 1);
     let _ = clock.now_nanos();
+}
+
+#[test]
+fn an_outage_copy_never_comes_back_after_recovery() {
+    let remote = Arc::new(MockRemote::default());
+    let (a, _) = engine(Some(remote.clone()), true);
+    let (b, _) = engine(Some(remote.clone()), true);
+    remote.down.store(true, Ordering::SeqCst);
+    let write = a
+        .plan_write("k".into(), prepared("old"), 300.0, None)
+        .unwrap();
+    block_on(a.commit(vec![write])).unwrap();
+    remote.down.store(false, Ordering::SeqCst);
+    let write = b
+        .plan_write("k".into(), prepared("new"), 300.0, None)
+        .unwrap();
+    block_on(b.commit(vec![write])).unwrap();
+    block_on(b.delete(vec!["k".into()])).unwrap();
+    assert_eq!(
+        state(&a),
+        State::Miss,
+        "the remote is the truth once it is back"
+    );
+}
+
+#[test]
+fn a_refused_lock_still_serves_the_stale_value() {
+    let remote = Arc::new(MockRemote::default());
+    let (e, clock) = engine(Some(remote.clone()), true);
+    let p = policy(true);
+    assert_eq!(call(&e, &p, Ok("v1")), (Ok("v1".into()), true));
+    advance(&clock, 301);
+    remote.refuse_locks.store(true, Ordering::SeqCst);
+    let Begin::Refresh(served, ticket) = begin(&e, &p) else {
+        panic!("a read-only replica still serves stale values")
+    };
+    assert_eq!(served.entry.value, "v1");
+    drop(ticket);
+    assert_eq!(e.stats().backend_errors, 1);
 }

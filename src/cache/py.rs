@@ -923,6 +923,8 @@ impl PyCache {
         d.set_item("url", &self.binding.url)?;
         d.set_item("namespace", self.binding.engine.namespace())?;
         d.set_item("degraded", s.degraded)?;
+        d.set_item("degraded_writes", s.degraded_writes)?;
+        d.set_item("refused_writes", s.refused_writes)?;
         d.set_item("hits", s.hits)?;
         d.set_item("stale_hits", s.stale_hits)?;
         d.set_item("misses", s.misses)?;

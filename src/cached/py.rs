@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -177,7 +177,8 @@ impl Identity {
 /// found with the store generation it was found at (saves the store lookup while valid).
 struct Remembered {
     key: Arc<str>,
-    entry: Option<Arc<Entry<PyObj>>>,
+    /// Weak: the store alone keeps values alive, so what it evicts or drops is freed.
+    entry: Option<Weak<Entry<PyObj>>>,
     generation: u64,
 }
 
@@ -272,7 +273,7 @@ impl PyCachedCall {
                 r.entry
                     .as_ref()
                     .filter(|_| r.generation == generation)
-                    .cloned(),
+                    .and_then(Weak::upgrade),
             ),
             None => (None, None),
         }
@@ -296,7 +297,7 @@ impl PyCachedCall {
             text,
             Remembered {
                 key,
-                entry,
+                entry: entry.as_ref().map(Arc::downgrade),
                 generation,
             },
         );

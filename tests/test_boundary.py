@@ -174,3 +174,10 @@ def test_another_process_waits_for_the_write_without_polling(own_redis, raw_own)
     stats = command_calls(raw_own)
     assert stats.get("blpop") == 1, f"the follower blocked once, no polling: {stats}"
     assert "mget" not in stats, f"no polling loop: {stats}"
+
+
+def test_a_forgotten_await_warns(redis_server, namespace) -> None:
+    cache = tenuto.Cache(redis_server.url, namespace=namespace)
+    with pytest.warns(RuntimeWarning, match="never awaited"):
+        cache.aset("k", 1, ttl=60)  # no await: nothing is written
+    assert cache.get("k").state == "miss"

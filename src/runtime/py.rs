@@ -333,6 +333,25 @@ impl Pending {
     }
 }
 
+impl Drop for Pending {
+    /// Like a coroutine: one that is dropped without ever being awaited did nothing, which
+    /// is almost always a forgotten `await` (a write that never happened).
+    fn drop(&mut self) {
+        let stage = self.stage.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !matches!(stage, Stage::Created(_)) {
+            return;
+        }
+        Python::attach(|py| {
+            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+            let message =
+                c"a tenuto awaitable was never awaited, so it did nothing (a missing `await`?)";
+            if let Err(err) = PyErr::warn(py, &category, message, 1) {
+                err.write_unraisable(py, None);
+            }
+        });
+    }
+}
+
 #[pymethods]
 impl Pending {
     fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {

@@ -322,3 +322,11 @@ def test_inbound_limit_shared_through_redis(redis_server, namespace) -> None:
         refused.headers["RateLimit-Remaining"] == "0" and refused.headers["RateLimit-Limit"] == "3"
     )
     assert 58 <= int(refused.headers["RateLimit-Reset"]) <= 60
+
+
+def test_fastapi_stats_router_needs_a_guard_like_flask() -> None:
+    pytest.importorskip("fastapi")
+    from tenuto.fastapi import stats_router
+
+    with pytest.raises(ValueError, match="guard="):
+        stats_router(tenuto.Cache())

@@ -115,13 +115,16 @@ Guard = Callable[[Request], "bool | Awaitable[bool]"]
 
 def stats_router(cache: Cache, *, guard: Guard | None = None, path: str = "/stats") -> APIRouter:
     """`GET {path}`: `cache.stats()` as JSON. `guard(request)` (sync or async) must return
-    true for the request to be served (else 403); without a guard the route is open, so
-    mount it only where that is fine."""
+    true for the request to be served (else 403). The guard is required, as on Flask: the
+    view tells how the app's caches behave (pass `guard=lambda request: True` to open it
+    on purpose)."""
+    if guard is None:
+        raise ValueError(
+            "stats_router needs guard= (a function of the request returning True to allow)"
+        )
     router = APIRouter()
 
     async def allowed(request: Request) -> None:
-        if guard is None:
-            return
         verdict = guard(request)
         if inspect.isawaitable(verdict):
             verdict = await verdict

@@ -116,3 +116,23 @@ async def test_redis_killed_mid_run_async(own_redis) -> None:
     assert (await cache.aget("k")).state == "miss"
     await cache.aset("k", 2, ttl=60)
     assert (await cache.aget("k")).value == 2
+
+
+def test_an_allkeys_eviction_policy_is_flagged(own_redis, caplog) -> None:
+    import logging
+    import time
+
+    redis = pytest.importorskip("redis")
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.config_set("maxmemory-policy", "allkeys-lru")
+    cache = tenuto.Cache(own_redis.url, namespace="policy")
+    with caplog.at_level(logging.WARNING, logger="tenuto"):
+        cache.get("k")
+        deadline = time.monotonic() + 5
+        while cache.stats()["maxmemory_policy"] is None:
+            assert time.monotonic() < deadline, "policy never read"
+            time.sleep(0.005)
+    stats = cache.stats()
+    assert stats["maxmemory_policy"] == "allkeys-lru" and stats["evicts_tenuto_state"]
+    assert any("allkeys-lru" in r.getMessage() for r in caplog.records)
+    raw.close()

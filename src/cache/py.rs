@@ -924,6 +924,16 @@ impl PyCache {
         d.set_item("namespace", self.binding.engine.namespace())?;
         d.set_item("degraded", s.degraded)?;
         d.set_item("degraded_writes", s.degraded_writes)?;
+        let policy = self
+            .binding
+            .engine
+            .remote()
+            .and_then(|r| r.eviction_policy());
+        d.set_item(
+            "evicts_tenuto_state",
+            policy.as_deref().is_some_and(|p| p.starts_with("allkeys-")),
+        )?;
+        d.set_item("maxmemory_policy", policy)?;
         d.set_item("refused_writes", s.refused_writes)?;
         d.set_item("hits", s.hits)?;
         d.set_item("stale_hits", s.stale_hits)?;

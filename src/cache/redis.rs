@@ -60,6 +60,8 @@ pub struct RedisStore {
     /// Connections for blocking waits (BLPOP), which would stall every other command on
     /// the shared multiplexed connection. Tagged with the fork epoch they were made in.
     blocking: Mutex<(u64, Vec<MultiplexedConnection>)>,
+    policy_checked: std::sync::atomic::AtomicBool,
+    eviction_policy: Mutex<Option<String>>,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
@@ -120,6 +122,8 @@ impl RedisStore {
                 last_error: String::new(),
             }),
             blocking: Mutex::new((runtime::fork_epoch(), Vec::new())),
+            policy_checked: std::sync::atomic::AtomicBool::new(false),
+            eviction_policy: Mutex::new(None),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -185,9 +189,13 @@ impl RedisStore {
         }
         match self.connect().await {
             Ok(conn) => {
-                let mut state = self.lock();
-                // Another caller may have connected meanwhile; keep the first.
-                Ok(state.conn.get_or_insert(conn).clone())
+                let conn = {
+                    let mut state = self.lock();
+                    // Another caller may have connected meanwhile; keep the first.
+                    state.conn.get_or_insert(conn).clone()
+                };
+                self.check_eviction_policy(conn.clone());
+                Ok(conn)
             }
             Err(reason) => {
                 self.mark_down(reason.clone());
@@ -438,6 +446,46 @@ impl RedisStore {
             Ok(())
         })
         .await
+    }
+
+    /// Reads the server's `maxmemory-policy` once per process, in the background. Under an
+    /// `allkeys-*` policy Redis may evict limiter, breaker and lock keys like any cache
+    /// entry (a limiter then forgets what it admitted): one warning says so, and `stats()`
+    /// shows the policy. Servers that refuse CONFIG (managed services) are left alone.
+    fn check_eviction_policy(&self, mut conn: MultiplexedConnection) {
+        if self
+            .policy_checked
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        runtime::handle().spawn(async move {
+            let mut config_get = redis::cmd("CONFIG");
+            config_get.arg("GET").arg("maxmemory-policy");
+            let reply: Result<Vec<String>, _> = config_get.query_async(&mut conn).await;
+            let Some(policy) = reply.ok().and_then(|r| r.into_iter().nth(1)) else {
+                return;
+            };
+            if policy.starts_with("allkeys-") {
+                log::warn!(
+                    target: "tenuto::cache",
+                    "Redis at {} evicts any key under memory pressure (maxmemory-policy {policy}): \
+                     rate-limiter, breaker and lock state may be evicted with cache entries; use a \
+                     volatile-* or noeviction policy, or a separate Redis, for them",
+                    me.display_url
+                );
+            }
+            *me.eviction_policy.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+        });
+    }
+
+    /// The server's `maxmemory-policy`, once read (None before, or when CONFIG is refused).
+    pub fn eviction_policy(&self) -> Option<String> {
+        self.eviction_policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn take_blocking(&self) -> Option<MultiplexedConnection> {

@@ -136,3 +136,25 @@ def test_an_allkeys_eviction_policy_is_flagged(own_redis, caplog) -> None:
     assert stats["maxmemory_policy"] == "allkeys-lru" and stats["evicts_tenuto_state"]
     assert any("allkeys-lru" in r.getMessage() for r in caplog.records)
     raw.close()
+
+
+def test_a_shared_breaker_opens_when_redis_refuses_writes(own_redis) -> None:
+    redis = pytest.importorskip("redis")
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.config_set("maxmemory", "1mb")
+    raw.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+        for i in range(1000):  # fill it until it refuses writes
+            raw.set(f"fill{i}", "x" * 10_000)
+    breaker = tenuto.CircuitBreaker(failures=2, reset_after=30, url=own_redis.url, name="full")
+    calls = []
+
+    def upstream() -> None:
+        calls.append(1)
+        raise ConnectionError("503")
+
+    for _ in range(10):
+        with pytest.raises((ConnectionError, tenuto.CircuitOpen)):
+            breaker.call(upstream)
+    assert len(calls) == 2 and breaker.state == "open"
+    raw.close()

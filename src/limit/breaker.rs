@@ -176,6 +176,10 @@ pub struct Circuit {
     failures: AtomicU64,
     refused: AtomicU64,
     opened: AtomicU64,
+    /// The last failure could not be recorded in the shared state (Redis down, or
+    /// refusing writes): the local state, which did record it, decides permits until a
+    /// shared report succeeds again.
+    local_decides: std::sync::atomic::AtomicBool,
 }
 
 impl Circuit {
@@ -190,6 +194,7 @@ impl Circuit {
             failures: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            local_decides: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -221,6 +226,7 @@ impl Circuit {
             Some((0, wait_ms)) => Permit::Refused {
                 retry_after_ns: wait_ms * 1_000_000,
             },
+            Some(_) if self.local_decides.load(Ordering::Acquire) => self.local().permit(now),
             Some((verdict, _)) => Permit::Allowed {
                 probe: verdict == 2,
             },
@@ -243,6 +249,7 @@ impl Circuit {
     /// A call failed: the shared state decided when Redis answered, else the local one.
     pub fn failure(&self, now: i64, probe: bool, reply: Reply) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.local_decides.store(reply.is_none(), Ordering::Release);
         if let Some((open, _)) = reply {
             if open == 1 {
                 self.opened.fetch_add(u64::from(!probe), Ordering::Relaxed);
@@ -259,6 +266,7 @@ impl Circuit {
 
     pub fn state(&self, now: i64, reply: Reply) -> BreakerState {
         match reply {
+            Some(_) if self.local_decides.load(Ordering::Acquire) => self.local().state(now),
             Some((0, _)) => BreakerState::Closed,
             Some((1, _)) => BreakerState::Open,
             Some(_) => BreakerState::HalfOpen,
@@ -279,6 +287,33 @@ impl Circuit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_step_that_fails_leaves_the_decision_to_the_local_state() {
+        // Redis answers permits (reads) but refuses to record failures (writes): the
+        // local breaker, which recorded them, opens after `failures` and refuses.
+        let circuit = Circuit::new("b", Breaker::new(2, 30 * S, 1));
+        let shared_closed = Some((1_i64, 0_i64));
+        for _ in 0..2 {
+            assert!(matches!(
+                circuit.permit(0, shared_closed),
+                Permit::Allowed { .. }
+            ));
+            circuit.failure(0, false, None);
+        }
+        assert!(matches!(
+            circuit.permit(0, shared_closed),
+            Permit::Refused { .. }
+        ));
+        circuit.failure(0, false, Some((1, 0)));
+        assert!(
+            matches!(
+                circuit.permit(31 * S, shared_closed),
+                Permit::Allowed { .. }
+            ),
+            "a recorded shared failure gives the decision back to the shared state"
+        );
+    }
 
     const S: i64 = 1_000_000_000;
 

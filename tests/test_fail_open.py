@@ -158,3 +158,30 @@ def test_a_shared_breaker_opens_when_redis_refuses_writes(own_redis) -> None:
             breaker.call(upstream)
     assert len(calls) == 2 and breaker.state == "open"
     raw.close()
+
+
+def test_writes_a_full_redis_refuses_are_read_back_from_memory(own_redis) -> None:
+    redis = pytest.importorskip("redis")
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.config_set("maxmemory", "1mb")
+    raw.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+        for i in range(1000):
+            raw.set(f"fill{i}", "x" * 10_000)
+    cache = tenuto.Cache(own_redis.url, namespace="full")
+    calls = []
+
+    @cache.cached(ttl=60)
+    def song(x: int) -> int:
+        calls.append(x)
+        return x
+
+    cache.set("k", "v", ttl=60)
+    assert cache.get("k").value == "v"
+    assert [song(1) for _ in range(20)] == [1] * 20 and calls == [1], "one upstream call"
+    registry = tenuto.IdRegistry(cache)
+    registry.mark_validated("s", "d")
+    assert registry.get("s") == "d"
+    stats = cache.stats()
+    assert stats["degraded_writes"] and stats["refused_writes"] >= 2
+    raw.close()

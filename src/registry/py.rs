@@ -71,6 +71,9 @@ struct Registry {
     /// Where records live without Redis (or while it is down).
     memory: MemoryRecords,
     counters: Counters,
+    /// Redis refused a write (full, read-only): records it has not got are looked for in
+    /// memory, where the refused writes were kept.
+    writes_refused: std::sync::atomic::AtomicBool,
 }
 
 /// IDs must be non-empty str; checked before anything is read or written.
@@ -192,7 +195,19 @@ impl Registry {
         result: Result<Vec<Option<Vec<u8>>>, StoreError>,
     ) -> PyResult<Reads> {
         match result {
-            Ok(values) => Ok(values.into_iter().map(|v| v.map(Raw::Bytes)).collect()),
+            Ok(values) => {
+                let mut reads: Reads = values.into_iter().map(|v| v.map(Raw::Bytes)).collect();
+                if self.writes_refused.load(Ordering::Relaxed) && reads.iter().any(Option::is_none)
+                {
+                    let kept = self.memory_reads(py, wanted)?;
+                    for (read, kept) in reads.iter_mut().zip(kept) {
+                        if read.is_none() {
+                            *read = kept;
+                        }
+                    }
+                }
+                Ok(reads)
+            }
             Err(err) => {
                 self.cache.absorb(err)?;
                 self.memory_reads(py, wanted)
@@ -233,6 +248,9 @@ impl Registry {
                 Ok(())
             }
             Some(Err(err)) => {
+                if matches!(err, StoreError::Command(_)) {
+                    self.writes_refused.store(true, Ordering::Relaxed);
+                }
                 self.cache.absorb(err)?;
                 self.memory_writes(py, writes)
             }
@@ -532,6 +550,7 @@ impl PyIdRegistry {
                         .min(usize::MAX as u64) as usize,
                 ),
                 counters: Counters::default(),
+                writes_refused: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -230,3 +230,14 @@ def test_values_the_store_dropped_are_freed() -> None:
         blob(i)  # pushes key 1 out of the store
     gc.collect()
     assert refs[0]() is None and refs[1]() is None
+
+
+@pytest.mark.parametrize("value", [2**70, -(2**70), 2**63])
+def test_huge_integers_are_value_errors_naming_the_argument(value: int) -> None:
+    if value > 0:
+        assert tenuto.Cache(max_entries=value).get("k").state == "miss"  # a bound, not a size
+    else:
+        with pytest.raises(ValueError, match="max_entries"):
+            tenuto.Cache(max_entries=value)
+    with pytest.raises(ValueError, match="status"):
+        tenuto.RateLimiter("5/minute").feedback(value)

@@ -23,6 +23,7 @@ use super::{State, Times};
 use crate::clock::py::PyClock;
 use crate::clock::{Clock, ClockRef, SystemClock};
 use crate::codec::py::{from_json, to_json, to_json_checked, PAYLOAD};
+use crate::error::py::Count;
 use crate::graveyard::{release_pending, Deferred};
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
@@ -635,24 +636,26 @@ impl PyCache {
 impl PyCache {
     #[new]
     #[pyo3(signature = (
-        url = None, namespace = "app", max_entries = 10_000, jitter = 0.1, fail_open = true,
-        *, serializer = "json", max_value_bytes = 16 * 1024 * 1024, connect_timeout = 0.25,
+        url = None, namespace = "app", max_entries = Count(10_000), jitter = 0.1, fail_open = true,
+        *, serializer = "json", max_value_bytes = Count(16 * 1024 * 1024), connect_timeout = 0.25,
         command_timeout = 1.0, clock = None
-    ))]
+    ),
+    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         url: Option<&str>,
         namespace: &str,
-        max_entries: i64,
+        max_entries: Count,
         jitter: f64,
         fail_open: bool,
         serializer: &str,
-        max_value_bytes: i64,
+        max_value_bytes: Count,
         connect_timeout: f64,
         command_timeout: f64,
         clock: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let (Count(max_entries), Count(max_value_bytes)) = (max_entries, max_value_bytes);
         if namespace.is_empty() {
             return Err(PyValueError::new_err("namespace must not be empty"));
         }

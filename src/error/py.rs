@@ -37,3 +37,22 @@ impl From<CoreError> for PyErr {
         }
     }
 }
+
+/// An integer argument read without `OverflowError`: values beyond 64 bits saturate, so
+/// the argument's own range check answers with a `ValueError` that names it.
+pub struct Count(pub i64);
+
+impl<'py> pyo3::FromPyObject<'_, 'py> for Count {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'_, 'py, pyo3::PyAny>) -> Result<Self, Self::Error> {
+        use pyo3::types::PyAnyMethods;
+        match obj.extract::<i64>() {
+            Ok(n) => Ok(Count(n)),
+            Err(err) if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
+                Ok(Count(if obj.lt(0)? { i64::MIN } else { i64::MAX }))
+            }
+            Err(err) => Err(err),
+        }
+    }
+}

@@ -18,7 +18,7 @@ use super::breaker::{Breaker, BreakerState, Circuit, FailureRate, Permit, Reply,
 use super::{Lease, Limiter, Mode, Rate};
 use crate::cache::redis::{RedisConfig, RedisStore, SharedDecision, StoreError, SCHEMES};
 use crate::clock::py::PyClock;
-use crate::error::py::TenutoError;
+use crate::error::py::{Count, TenutoError};
 use crate::runtime::py::{spawn_for_asyncio, LoopFuture, Ready};
 
 create_exception!(
@@ -43,6 +43,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn with_retry_after(py: Python<'_>, err: PyErr, seconds: f64) -> PyErr {
     let _ = err.value(py).setattr("retry_after", seconds);
     err
+}
+
+/// An HTTP status code argument (100-599), as a `ValueError` naming it otherwise.
+fn http_status(status: Count) -> PyResult<u16> {
+    match u16::try_from(status.0) {
+        Ok(code) if (100..=599).contains(&code) => Ok(code),
+        _ => Err(PyValueError::new_err(format!(
+            "status must be an HTTP status code (100-599), got {}",
+            status.0
+        ))),
+    }
 }
 
 fn seconds_to_nanos(name: &str, seconds: f64) -> PyResult<i64> {
@@ -205,23 +216,26 @@ impl PyRateLimiter {
     #[new]
     #[pyo3(signature = (
         rate, min_interval = None, max_concurrency = None, burst = None, url = None,
-        name = "default", fail_open = true, *, mode = "outbound", max_keys = 100_000, clock = None,
-        lease_ttl = 300.0
-    ))]
+        name = "default", fail_open = true, *, mode = "outbound", max_keys = Count(100_000),
+        clock = None, lease_ttl = 300.0
+    ),
+    text_signature = "(rate, min_interval=None, max_concurrency=None, burst=None, url=None, name='default', fail_open=True, *, mode='outbound', max_keys=100000, clock=None, lease_ttl=300.0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         rate: &Bound<'_, PyAny>,
         min_interval: Option<f64>,
-        max_concurrency: Option<i64>,
-        burst: Option<i64>,
+        max_concurrency: Option<Count>,
+        burst: Option<Count>,
         url: Option<&str>,
         name: &str,
         fail_open: bool,
         mode: &str,
-        max_keys: i64,
+        max_keys: Count,
         clock: Option<&Bound<'_, PyAny>>,
         lease_ttl: f64,
     ) -> PyResult<Self> {
+        let (max_concurrency, burst, max_keys) =
+            (max_concurrency.map(|c| c.0), burst.map(|b| b.0), max_keys.0);
         let shared = shared_store(url, "limiter")?;
         let rate_text: &str = rate
             .extract()
@@ -517,7 +531,8 @@ impl PyRateLimiter {
     /// now (else an exponential pause) and halves the rate; other statuses restore it by
     /// a tenth of the configured rate at a time.
     #[pyo3(signature = (status, retry_after = None))]
-    fn feedback(&self, py: Python<'_>, status: u16, retry_after: Option<f64>) -> PyResult<()> {
+    fn feedback(&self, py: Python<'_>, status: Count, retry_after: Option<f64>) -> PyResult<()> {
+        let status = http_status(status)?;
         if let Some((redis, key, ms)) = self.pause(py, status, retry_after)? {
             // Everyone sharing the limit pauses; a lost pause only costs a 429 more.
             let _ = wait(py, async move { redis.limit_pause(key, ms).await });
@@ -531,9 +546,10 @@ impl PyRateLimiter {
     fn _afeedback<'py>(
         &self,
         py: Python<'py>,
-        status: u16,
+        status: Count,
         retry_after: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let status = http_status(status)?;
         match self.pause(py, status, retry_after)? {
             Some((redis, key, ms)) if !redis.is_down() => detached(py, async move {
                 let _ = redis.limit_pause(key, ms).await;
@@ -675,31 +691,36 @@ fn permitted(py: Python<'_>, circuit: &Circuit, permit: Permit) -> PyResult<bool
 impl PyCircuitBreaker {
     #[new]
     #[pyo3(signature = (
-        failures = 5, reset_after = 30.0, half_open_max = 1, name = None, *, failure_rate = None,
-        window = 60.0, min_calls = 10, url = None, clock = None
-    ))]
+        failures = Count(5), reset_after = 30.0, half_open_max = Count(1), name = None, *,
+        failure_rate = None, window = 60.0, min_calls = Count(10), url = None, clock = None
+    ),
+    text_signature = "(failures=5, reset_after=30.0, half_open_max=1, name=None, *, failure_rate=None, window=60.0, min_calls=10, url=None, clock=None)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        failures: i64,
+        failures: Count,
         reset_after: f64,
-        half_open_max: i64,
+        half_open_max: Count,
         name: Option<&str>,
         failure_rate: Option<f64>,
         window: f64,
-        min_calls: i64,
+        min_calls: Count,
         url: Option<&str>,
         clock: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let shared = shared_store(url, "breaker")?;
-        if failures < 1 || half_open_max < 1 {
-            return Err(PyValueError::new_err(
-                "failures and half_open_max must be at least 1",
-            ));
+        let (failures, half_open_max, min_calls) = (failures.0, half_open_max.0, min_calls.0);
+        for (what, n) in [("failures", failures), ("half_open_max", half_open_max)] {
+            if !(1..=i64::from(u32::MAX)).contains(&n) {
+                return Err(PyValueError::new_err(format!(
+                    "{what} must be between 1 and {}, got {n}",
+                    u32::MAX
+                )));
+            }
         }
         let reset_after_ns = seconds_to_nanos("reset_after", reset_after)?;
         let mut breaker = Breaker::new(failures as u32, reset_after_ns, half_open_max as u32);
         if let Some(rate) = failure_rate {
-            if !(rate > 0.0 && rate <= 1.0) || min_calls < 1 {
+            if !(rate > 0.0 && rate <= 1.0) || !(1..=i64::from(u32::MAX)).contains(&min_calls) {
                 return Err(PyValueError::new_err(
                     "failure_rate must be in (0, 1] and min_calls at least 1",
                 ));

@@ -720,7 +720,8 @@ impl PyCircuitBreaker {
         let reset_after_ns = seconds_to_nanos("reset_after", reset_after)?;
         let mut breaker = Breaker::new(failures as u32, reset_after_ns, half_open_max as u32);
         if let Some(rate) = failure_rate {
-            if !(rate > 0.0 && rate <= 1.0) || !(1..=i64::from(u32::MAX)).contains(&min_calls) {
+            let calls_ok = (1..=i64::from(u32::MAX)).contains(&min_calls);
+            if !(rate > 0.0 && rate <= 1.0 && calls_ok) {
                 return Err(PyValueError::new_err(
                     "failure_rate must be in (0, 1] and min_calls at least 1",
                 ));

@@ -138,7 +138,9 @@ def test_an_allkeys_eviction_policy_is_flagged(own_redis, caplog) -> None:
     raw.close()
 
 
-def test_a_shared_breaker_opens_when_redis_refuses_writes(own_redis) -> None:
+@pytest.fixture
+def full_redis(own_redis):
+    """A server at `maxmemory` with `noeviction`: it answers reads and refuses writes."""
     redis = pytest.importorskip("redis")
     raw = redis.Redis.from_url(own_redis.url)
     raw.config_set("maxmemory", "1mb")
@@ -146,6 +148,12 @@ def test_a_shared_breaker_opens_when_redis_refuses_writes(own_redis) -> None:
     with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
         for i in range(1000):  # fill it until it refuses writes
             raw.set(f"fill{i}", "x" * 10_000)
+    yield own_redis, raw
+    raw.close()
+
+
+def test_a_shared_breaker_opens_when_redis_refuses_writes(full_redis) -> None:
+    own_redis, raw = full_redis
     breaker = tenuto.CircuitBreaker(failures=2, reset_after=30, url=own_redis.url, name="full")
     calls = []
 
@@ -157,17 +165,10 @@ def test_a_shared_breaker_opens_when_redis_refuses_writes(own_redis) -> None:
         with pytest.raises((ConnectionError, tenuto.CircuitOpen)):
             breaker.call(upstream)
     assert len(calls) == 2 and breaker.state == "open"
-    raw.close()
 
 
-def test_writes_a_full_redis_refuses_are_read_back_from_memory(own_redis) -> None:
-    redis = pytest.importorskip("redis")
-    raw = redis.Redis.from_url(own_redis.url)
-    raw.config_set("maxmemory", "1mb")
-    raw.config_set("maxmemory-policy", "noeviction")
-    with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
-        for i in range(1000):
-            raw.set(f"fill{i}", "x" * 10_000)
+def test_writes_a_full_redis_refuses_are_read_back_from_memory(full_redis) -> None:
+    own_redis, raw = full_redis
     cache = tenuto.Cache(own_redis.url, namespace="full")
     calls = []
 
@@ -184,4 +185,3 @@ def test_writes_a_full_redis_refuses_are_read_back_from_memory(own_redis) -> Non
     assert registry.get("s") == "d"
     stats = cache.stats()
     assert stats["degraded_writes"] and stats["refused_writes"] >= 2
-    raw.close()

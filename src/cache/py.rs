@@ -131,6 +131,18 @@ impl PyEnvelope {
     }
 }
 
+/// `"hit"`, `"stale"` or `"miss"` as a `State` (a `ValueError` otherwise).
+pub(crate) fn parse_state(state: &str) -> PyResult<State> {
+    match state {
+        "hit" => Ok(State::Hit),
+        "stale" => Ok(State::Stale),
+        "miss" => Ok(State::Miss),
+        other => Err(PyValueError::new_err(format!(
+            "state must be \"hit\", \"stale\" or \"miss\", got {other:?}"
+        ))),
+    }
+}
+
 fn state_str(py: Python<'_>, state: State) -> Bound<'_, PyString> {
     match state {
         State::Hit => intern!(py, "hit").clone(),
@@ -155,16 +167,7 @@ impl PyLookup {
     #[new]
     #[pyo3(signature = (state, envelope = None, stale_fallback = false))]
     fn new(state: &str, envelope: Option<Py<PyEnvelope>>, stale_fallback: bool) -> PyResult<Self> {
-        let state = match state {
-            "hit" => State::Hit,
-            "stale" => State::Stale,
-            "miss" => State::Miss,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "state must be \"hit\", \"stale\" or \"miss\", got {other:?}"
-                )))
-            }
-        };
+        let state = parse_state(state)?;
         Ok(Self {
             state,
             envelope,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
@@ -21,7 +21,8 @@ use super::{from_severity, severity};
 use crate::cache::engine::{Backoff, Begin, CallPolicy, LockPolicy, Served, Ticket};
 use crate::cache::memory::Entry;
 use crate::cache::py::{
-    run_async, run_sync, seconds_arg, CacheBinding, PyCache, PyDecoder, PyEnvelope, PyLookup, PyObj,
+    parse_state, run_async, run_sync, seconds_arg, CacheBinding, PyCache, PyDecoder, PyEnvelope,
+    PyLookup, PyObj,
 };
 use crate::cache::redis::RedisStore;
 use crate::cache::{check_duration, State};
@@ -43,17 +44,6 @@ pub struct PyRequestState {
 impl PyRequestState {
     fn record(&self, state: State) {
         self.level.fetch_max(severity(state), Ordering::Relaxed);
-    }
-}
-
-fn parse_state(state: &str) -> PyResult<State> {
-    match state {
-        "hit" => Ok(State::Hit),
-        "stale" => Ok(State::Stale),
-        "miss" => Ok(State::Miss),
-        other => Err(PyValueError::new_err(format!(
-            "state must be \"hit\", \"stale\" or \"miss\", got {other:?}"
-        ))),
     }
 }
 

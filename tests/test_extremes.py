@@ -67,3 +67,22 @@ def test_extreme_numbers_never_panic_or_overflow(x: Any) -> None:
         except BaseException as exc:  # a Rust panic surfaces as a BaseException
             failures.append(f"{name}: PANIC {type(exc).__name__}: {exc}")
     assert failures == []
+
+
+def test_limits_never_overflow_their_clocks() -> None:
+    with pytest.raises(ValueError, match="100000days"):
+        tenuto.RateLimiter("1/100000days")
+    limiter = tenuto.RateLimiter("5/minute")
+    assert limiter.stats()["paused_for"] == 0, "never paused is no pause, not 7e9 s"
+    with pytest.raises(ValueError, match="timeout"):
+        limiter.acquire(timeout=1e11)
+    with pytest.raises(ValueError, match="reset_after"):
+        tenuto.CircuitBreaker(reset_after=1e11)
+    breaker = tenuto.CircuitBreaker(failures=1, reset_after=1e9, clock=FakeClock())
+    with pytest.raises(ConnectionError):
+        breaker.call(_fail)
+    assert breaker.state == "open", "a long reset stays open"
+
+
+def _fail() -> None:
+    raise ConnectionError("503")

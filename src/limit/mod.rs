@@ -113,6 +113,10 @@ redis.call('PEXPIRE', KEYS[1], reset + 86400000)
 return {redis.call('HEXISTS', KEYS[1], 'opened'), 0}
 ";
 
+/// The longest rate period and the longest duration a limiter or breaker accepts (about
+/// 31 years): nanosecond timestamps plus such a span stay far below `i64::MAX`.
+pub const MAX_PERIOD_SECS: i64 = 1_000_000_000;
+
 /// `count` admissions per `period_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -158,6 +162,7 @@ impl Rate {
         }
         let period_ns = multiple
             .checked_mul(unit_secs)
+            .filter(|&s| s <= MAX_PERIOD_SECS)
             .and_then(|s| s.checked_mul(NANOS_PER_SEC))
             .ok_or_else(bad)?;
         Ok(Rate { count, period_ns })
@@ -642,7 +647,11 @@ impl Limiter {
 
     /// Nanoseconds left of the in-process pause at `now`.
     pub fn paused_for(&self, now: i64) -> i64 {
-        (self.paused_until.load(Ordering::Acquire) - now).max(0)
+        // Saturating: "never paused" is i64::MIN.
+        self.paused_until
+            .load(Ordering::Acquire)
+            .saturating_sub(now)
+            .max(0)
     }
 
     pub fn counts(&self) -> LimiterCounts {

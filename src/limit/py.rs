@@ -57,9 +57,10 @@ fn http_status(status: Count) -> PyResult<u16> {
 }
 
 fn seconds_to_nanos(name: &str, seconds: f64) -> PyResult<i64> {
-    if !seconds.is_finite() || seconds < 0.0 {
+    let max = super::MAX_PERIOD_SECS as f64;
+    if !seconds.is_finite() || !(0.0..=max).contains(&seconds) {
         return Err(PyValueError::new_err(format!(
-            "{name} must be a non-negative number of seconds, got {seconds}"
+            "{name} must be a non-negative number of seconds up to {max:e}, got {seconds}"
         )));
     }
     Ok((seconds * NANOS).round() as i64)

@@ -241,3 +241,10 @@ def test_huge_integers_are_value_errors_naming_the_argument(value: int) -> None:
             tenuto.Cache(max_entries=value)
     with pytest.raises(ValueError, match="status"):
         tenuto.RateLimiter("5/minute").feedback(value)
+
+
+def test_clearing_any_namespace_leaves_limiter_state_alone(redis_server, namespace) -> None:
+    limiter = tenuto.RateLimiter("2/minute", url=redis_server.url, name=namespace, mode="inbound")
+    assert limiter.try_acquire()[0] and limiter.try_acquire()[0]
+    tenuto.Cache(redis_server.url, namespace="tenuto").clear()
+    assert not limiter.try_acquire()[0], "the limit still remembers its two admissions"

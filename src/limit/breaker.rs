@@ -209,7 +209,7 @@ impl Circuit {
     /// The shared state's key and the script's arguments for `step`.
     pub fn shared_step(&self, step: Step, probe: bool) -> (String, [String; 5]) {
         (
-            format!("tenuto:breaker:{}", self.name),
+            format!("tenuto|breaker|{}", self.name),
             [
                 step.op().to_owned(),
                 self.failures_to_open.to_string(),
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(
             c.shared_step(Step::Failure, true),
             (
-                "tenuto:breaker:up".to_owned(),
+                "tenuto|breaker|up".to_owned(),
                 ["failure", "2", "30000", "1", "1"].map(str::to_owned)
             )
         );

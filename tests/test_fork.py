@@ -140,3 +140,49 @@ def test_child_forks_during_a_load_and_loads_itself(backend: str, request) -> No
         release.set()
         loader.join(10)
     assert report == {"ok": True, "value": "child"}
+
+
+FRESH_PROCESS_FORK = """
+import os, sys, threading, time
+import tenuto
+
+cache = tenuto.Cache()  # memory only: tenuto's runtime never starts in this process
+inside, release = threading.Event(), threading.Event()
+
+@cache.cached(ttl=60)
+def slow(x):
+    if os.getpid() == parent:
+        inside.set()
+        release.wait(10)
+        return "parent"
+    return "child"
+
+parent = os.getpid()
+loader = threading.Thread(target=slow, args=(1,))
+loader.start()
+inside.wait(10)
+pid = os.fork()
+if pid == 0:
+    os.write(1, slow(1).encode())
+    os._exit(0)
+deadline = time.monotonic() + 10
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        sys.exit("child hung")
+    time.sleep(0.01)
+release.set()
+loader.join()
+"""
+
+
+def test_fresh_process_forking_during_a_load_on_memory() -> None:
+    """Fork safety must not depend on the runtime having started before the fork."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_FORK], capture_output=True, timeout=30, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "child"

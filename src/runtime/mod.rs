@@ -33,17 +33,19 @@ extern "C" fn bump_fork_epoch_in_child() {
 /// to a runtime or a socket (Redis connections) is tagged with the epoch it was made in
 /// and rebuilt when the epoch moves.
 pub fn fork_epoch() -> u64 {
-    FORK_EPOCH.load(Ordering::Acquire)
-}
-
-/// The handle of this process's runtime, building it on first use and after a fork.
-pub fn handle() -> Handle {
+    // Registered on first use of anything fork-sensitive (flights of a memory-only cache
+    // too, which never start the runtime), not only when the runtime is built.
     REGISTER_FORK_HANDLER.call_once(|| {
         // SAFETY: registers a plain extern "C" fn that only touches an atomic.
         unsafe {
             libc::pthread_atfork(None, None, Some(bump_fork_epoch_in_child));
         }
     });
+    FORK_EPOCH.load(Ordering::Acquire)
+}
+
+/// The handle of this process's runtime, building it on first use and after a fork.
+pub fn handle() -> Handle {
     let epoch = fork_epoch();
     let mut slot = RUNTIME
         .lock()

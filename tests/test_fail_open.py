@@ -167,7 +167,10 @@ def test_a_shared_breaker_opens_when_redis_refuses_writes(full_redis) -> None:
     assert len(calls) == 2 and breaker.state == "open"
 
 
-def test_writes_a_full_redis_refuses_are_read_back_from_memory(full_redis) -> None:
+def test_writes_a_full_redis_refuses_are_read_back_from_memory(full_redis, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tenuto")
     own_redis, raw = full_redis
     cache = tenuto.Cache(own_redis.url, namespace="full")
     calls = []
@@ -180,6 +183,9 @@ def test_writes_a_full_redis_refuses_are_read_back_from_memory(full_redis) -> No
     cache.set("k", "v", ttl=60)
     assert cache.get("k").value == "v"
     assert [song(1) for _ in range(20)] == [1] * 20 and calls == [1], "one upstream call"
+    assert [song(i) for i in range(2, 22)] == list(range(2, 22))
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1, "one warning per condition, not one per call"
     registry = tenuto.IdRegistry(cache)
     registry.mark_validated("s", "d")
     assert registry.get("s") == "d"

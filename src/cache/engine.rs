@@ -25,6 +25,28 @@ use crate::codec::{decode_envelope, encode_envelope};
 use crate::error::{CoreError, CoreResult};
 use crate::flight::{Flight, Joined, LeaderGuard, Outcome, SingleFlight};
 
+/// The condition a server error reports: its error code (`OOM`, `READONLY`, `NOPERM`...)
+/// wherever it appears in the message (scripts and pipelines wrap it), else the message.
+fn condition(message: &str) -> &str {
+    const CODES: [&str; 11] = [
+        "OOM",
+        "READONLY",
+        "NOPERM",
+        "WRONGTYPE",
+        "NOSCRIPT",
+        "CROSSSLOT",
+        "MISCONF",
+        "BUSY",
+        "LOADING",
+        "NOAUTH",
+        "MASTERDOWN",
+    ];
+    CODES
+        .into_iter()
+        .find(|code| message.contains(code))
+        .unwrap_or(message)
+}
+
 /// The keys one cached call uses on the remote. The lock, waiter count and wake-up list
 /// sit under prefixes of their own, so no user key names them.
 #[derive(Debug, Clone)]
@@ -314,8 +336,9 @@ pub struct Engine<V: Send + Sync + 'static, R: Remote> {
     /// memory and is read from there until a later write of the key succeeds.
     refused: Mutex<HashSet<Arc<str>>>,
     refused_writes: AtomicU64,
-    /// The last server error logged: each condition is logged once, not once per call.
-    last_logged: Mutex<String>,
+    /// Server error conditions logged since the last successful write: each is logged
+    /// once, not once per call.
+    logged: Mutex<HashSet<String>>,
 }
 
 enum Route<R> {
@@ -355,7 +378,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             refreshes: SingleFlight::new(),
             refused: Mutex::new(HashSet::new()),
             refused_writes: AtomicU64::new(0),
-            last_logged: Mutex::new(String::new()),
+            logged: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -433,14 +456,11 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         Counters::bump(&self.counters.backend_errors);
         if self.fail_open {
             if let StoreError::Command(msg) = &err {
-                let first = {
-                    let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
-                    let first = *last != *msg;
-                    if first {
-                        last.clone_from(msg);
-                    }
-                    first
-                };
+                let first = self
+                    .logged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(condition(msg).to_owned());
                 if first {
                     log::warn!(target: "tenuto::cache", "Redis refused a command: {msg}; serving from memory (logged once per condition)");
                 }
@@ -463,8 +483,16 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         match result {
             Ok(()) => {
                 refused.remove(key);
+                let recovered = refused.is_empty();
                 drop(refused);
                 self.memory.remove(key);
+                if recovered {
+                    // Writes go through again: a condition that comes back is news.
+                    let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+                    if !logged.is_empty() {
+                        logged.clear();
+                    }
+                }
             }
             Err(err) => {
                 if matches!(err, StoreError::Command(_)) {

@@ -32,7 +32,7 @@ impl<T> Drop for Deferred<T> {
     fn drop(&mut self) {
         // SAFETY: taken once, here, and never used again.
         let obj = unsafe { ManuallyDrop::take(&mut self.0) }.into_any();
-        PENDING.lock().unwrap_or_else(|p| p.into_inner()).push(obj);
+        crate::sync::lock(&PENDING).push(obj);
         HAS_PENDING.store(true, Ordering::Release);
     }
 }
@@ -41,7 +41,7 @@ impl<T> Drop for Deferred<T> {
 pub fn release_pending(_py: Python<'_>) {
     // A plain load first: the common case (nothing queued) then writes no shared cache line.
     if HAS_PENDING.load(Ordering::Relaxed) && HAS_PENDING.swap(false, Ordering::AcqRel) {
-        let queued = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|p| p.into_inner()));
+        let queued = std::mem::take(&mut *crate::sync::lock(&PENDING));
         drop(queued);
     }
 }

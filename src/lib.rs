@@ -14,6 +14,7 @@ pub mod key;
 pub mod limit;
 pub mod registry;
 pub mod runtime;
+pub mod sync;
 
 #[cfg(feature = "python")]
 mod graveyard;

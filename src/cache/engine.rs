@@ -24,6 +24,7 @@ use crate::clock::ClockRef;
 use crate::codec::{decode_envelope, encode_envelope};
 use crate::error::{CoreError, CoreResult};
 use crate::flight::{Flight, Joined, LeaderGuard, Outcome, SingleFlight};
+use crate::sync::lock;
 
 /// The condition a server error reports: its error code (`OOM`, `READONLY`, `NOPERM`...)
 /// wherever it appears in the message (scripts and pipelines wrap it), else the message.
@@ -456,11 +457,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         Counters::bump(&self.counters.backend_errors);
         if self.fail_open {
             if let StoreError::Command(msg) = &err {
-                let first = self
-                    .logged
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(condition(msg).to_owned());
+                let first = lock(&self.logged).insert(condition(msg).to_owned());
                 if first {
                     log::warn!(target: "tenuto::cache", "Redis refused a command: {msg}; serving from memory (logged once per condition)");
                 }
@@ -479,7 +476,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         entry: &Arc<Entry<V>>,
         result: &Result<(), StoreError>,
     ) {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = lock(&self.refused);
         match result {
             Ok(()) => {
                 refused.remove(key);
@@ -488,7 +485,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 self.memory.remove(key);
                 if recovered {
                     // Writes go through again: a condition that comes back is news.
-                    let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut logged = lock(&self.logged);
                     if !logged.is_empty() {
                         logged.clear();
                     }
@@ -557,7 +554,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     }
 
     fn is_refused(&self, key: &str) -> bool {
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = lock(&self.refused);
         !refused.is_empty() && refused.contains(key)
     }
 
@@ -689,10 +686,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         let mut removed = 0;
         for key in &keys {
             removed += u64::from(self.memory.remove(key));
-            self.refused
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(key.as_str());
+            lock(&self.refused).remove(key.as_str());
         }
         if let Route::Remote(remote) = self.route()? {
             let remote_keys = keys.iter().map(|k| self.remote_key(k)).collect();
@@ -710,10 +704,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// Empties the memory tier and deletes the namespace's keys remotely.
     pub async fn clear(&self) -> CoreResult<()> {
         self.memory.clear();
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        lock(&self.refused).clear();
         if let Route::Remote(remote) = self.route()? {
             let prefix = format!("{}:", self.namespace);
             if let Err(err) = remote.delete_prefixed(prefix).await {
@@ -741,11 +732,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             size,
             degraded: self.remote.as_ref().is_some_and(|r| r.is_down()),
             refused_writes: self.refused_writes.load(Ordering::Relaxed),
-            degraded_writes: !self
-                .refused
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty(),
+            degraded_writes: !lock(&self.refused).is_empty(),
         }
     }
 

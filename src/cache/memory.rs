@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Times;
@@ -111,9 +111,7 @@ pub struct MemoryStore<V: Send + Sync + 'static> {
     generation: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 impl<V: Send + Sync + 'static> MemoryStore<V> {
     pub fn new(max_entries: u64) -> Self {

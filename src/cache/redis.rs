@@ -130,7 +130,7 @@ impl RedisStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.state);
         let epoch = runtime::fork_epoch();
         if state.epoch != epoch {
             // Forked: the parent's connection and reconnect task belong to a runtime that
@@ -476,20 +476,17 @@ impl RedisStore {
                     me.display_url
                 );
             }
-            *me.eviction_policy.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+            *crate::sync::lock(&me.eviction_policy) = Some(policy);
         });
     }
 
     /// The server's `maxmemory-policy`, once read (None before, or when CONFIG is refused).
     pub fn eviction_policy(&self) -> Option<String> {
-        self.eviction_policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::lock(&self.eviction_policy).clone()
     }
 
     fn take_blocking(&self) -> Option<MultiplexedConnection> {
-        let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = crate::sync::lock(&self.blocking);
         let epoch = runtime::fork_epoch();
         if pool.0 != epoch {
             // Connections of the parent process: their driver tasks do not run here.
@@ -500,7 +497,7 @@ impl RedisStore {
     }
 
     fn give_back_blocking(&self, conn: MultiplexedConnection) {
-        let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = crate::sync::lock(&self.blocking);
         if pool.0 == runtime::fork_epoch() && pool.1.len() < BLOCKING_POOL {
             pool.1.push(conn);
         }

@@ -256,7 +256,7 @@ impl PyCachedCall {
         identity: &Identity,
         generation: u64,
     ) -> (Option<Arc<str>>, Option<Arc<Entry<PyObj>>>) {
-        let front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        let front = crate::sync::lock(&self.front);
         match front.get(identity.text()) {
             Some(r) => (
                 Some(Arc::clone(&r.key)),
@@ -276,7 +276,7 @@ impl PyCachedCall {
         entry: Option<Arc<Entry<PyObj>>>,
         generation: u64,
     ) {
-        let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        let mut front = crate::sync::lock(&self.front);
         if front.len() >= FRONT_LIMIT {
             front.clear();
         }
@@ -836,13 +836,9 @@ impl PyTicket {
     }
 
     fn take(&self) -> PyResult<PyTicketInner> {
-        self.ticket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                pyo3::exceptions::PyRuntimeError::new_err("this ticket was already used")
-            })
+        crate::sync::lock(&self.ticket).take().ok_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err("this ticket was already used")
+        })
     }
 }
 
@@ -851,7 +847,7 @@ impl PyTicket {
     /// The work goes on on this thread (the event loop's): a sync call of the same key
     /// here would wait for itself, and raises instead.
     fn claim(&self) {
-        if let Some(t) = &*self.ticket.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(t) = &*crate::sync::lock(&self.ticket) {
             t.claim_for_current_thread();
         }
     }
@@ -894,7 +890,7 @@ impl PyTicket {
 
     /// Gives the duty up (cancelled): a waiter takes over, the lock is released.
     fn abandon(&self, py: Python<'_>) {
-        let ticket = self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let ticket = crate::sync::lock(&self.ticket).take();
         drop(ticket);
         release_pending(py);
     }

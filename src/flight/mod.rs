@@ -38,9 +38,7 @@ struct FlightState<V> {
     leader_thread: Option<std::thread::ThreadId>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 impl<V> Flight<V> {
     fn new() -> Self {

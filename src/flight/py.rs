@@ -135,7 +135,7 @@ pub struct PyFlight {
 impl PyFlight {
     fn land(&self, outcome: Outcome<PyValue>) -> PyResult<()> {
         // Take the guard out first: landing runs callbacks, never under our lock.
-        let guard = self.leader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let guard = crate::sync::lock(&self.leader).take();
         match guard {
             Some(guard) => {
                 guard.land(outcome);
@@ -152,10 +152,7 @@ impl PyFlight {
 impl PyFlight {
     #[getter]
     fn is_leader(&self) -> bool {
-        self.leader
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        crate::sync::lock(&self.leader).is_some()
     }
 
     fn land_value(&self, value: PyValue) -> PyResult<()> {

@@ -203,7 +203,7 @@ impl Circuit {
     }
 
     fn local(&self) -> MutexGuard<'_, Breaker> {
-        self.local.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.local)
     }
 
     /// The shared state's key and the script's arguments for `step`.

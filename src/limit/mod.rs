@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 pub mod breaker;
 #[cfg(feature = "python")]
@@ -417,9 +417,7 @@ pub struct Limiter {
     admitted_unchecked: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 impl Limiter {
     pub fn new(rate: Rate, mode: Mode, name: &str, max_keys: usize, fail_open: bool) -> Self {

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -36,9 +36,7 @@ create_exception!(
 
 const NANOS: f64 = 1e9;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 fn with_retry_after(py: Python<'_>, err: PyErr, seconds: f64) -> PyErr {
     let _ = err.value(py).setattr("retry_after", seconds);

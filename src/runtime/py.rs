@@ -166,10 +166,7 @@ impl LoopQueue {
 
     /// From any thread: runs `completion` on the loop's thread soon.
     fn push(self: &Arc<Self>, completion: Completion) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(completion);
+        crate::sync::lock(&self.pending).push(completion);
         if self
             .scheduled
             .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -197,7 +194,7 @@ impl LoopQueue {
     fn run(&self, py: Python<'_>) {
         self.scheduled
             .store(false, std::sync::atomic::Ordering::Release);
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let batch = std::mem::take(&mut *crate::sync::lock(&self.pending));
         for completion in batch {
             completion(py);
         }
@@ -284,7 +281,7 @@ pub struct Pending {
 
 impl Pending {
     fn lock(&self) -> std::sync::MutexGuard<'_, Stage> {
-        self.stage.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.stage)
     }
 
     /// The iterator of the asyncio future this coroutine waits on, starting the work on

@@ -96,19 +96,20 @@ def test_async_calls_bind_to_the_loop_when_awaited(redis_server, namespace) -> N
 
 def test_a_cancelled_async_leader_releases_its_lock_at_once(redis_server, raw_redis, namespace):
     cache = tenuto.Cache(redis_server.url, namespace=namespace)
-    started = asyncio.Event()
+    started: list[asyncio.Event] = []  # made inside the loop (Python 3.9 binds at creation)
 
     @cache.cached(ttl=60, lock_ttl=30)
     async def slow(x: int) -> int:
-        started.set()
+        started[0].set()
         await asyncio.Event().wait()  # never answers
         return x
 
     lock_key = f"{namespace}|lock|{slow.key(1)}"
 
     async def main() -> float:
+        started.append(asyncio.Event())
         task = asyncio.create_task(slow(1))
-        await started.wait()
+        await started[0].wait()
         assert raw_redis.exists(lock_key), "the leader holds the lock while it loads"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

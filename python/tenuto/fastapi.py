@@ -73,6 +73,11 @@ class RateLimit:
         response.headers.update(headers)
 
 
+# FastAPI reads the annotations of a dependency instance's `__call__`; postponed (string)
+# annotations cannot be resolved there on Python 3.9 (an instance has no __globals__), and
+# `request` would be taken for a query parameter. Real classes work on every version.
+RateLimit.__call__.__annotations__.update(request=Request, response=Response)
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]

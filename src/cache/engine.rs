@@ -619,19 +619,17 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     ) -> CoreResult<Write<V>> {
         let now = self.now();
         let times = self.policy.stamp(now, ttl, stale_ttl, fastrand::f64)?;
-        self.plan_stamped(Arc::from(key), prepared, now, times, 0, times.keep_for(now))
+        self.plan_stamped(Arc::from(key), prepared, times, 0, times.keep_for(now))
     }
 
     fn plan_stamped(
         &self,
         key: Arc<str>,
         prepared: Prepared<V>,
-        now: i64,
         times: Times,
         negative: u32,
         keep_for: u64,
     ) -> CoreResult<Write<V>> {
-        let _ = now;
         if prepared.payload.len() > self.max_value_bytes {
             return Err(CoreError::invalid(format!(
                 "value is {} bytes encoded, over max_value_bytes={}",
@@ -1030,20 +1028,13 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 let seconds = backoff.seconds(streak);
                 let times = self.policy.stamp(now, seconds, None, fastrand::f64)?;
                 let keep = (times.fresh_until - now).max(1) as u64 + backoff.max.ceil() as u64;
-                self.plan_stamped(Arc::clone(key), prepared, now, times, streak, keep)
+                self.plan_stamped(Arc::clone(key), prepared, times, streak, keep)
             }
             None => {
                 let times = self
                     .policy
                     .stamp(now, policy.ttl, policy.stale_ttl, fastrand::f64)?;
-                self.plan_stamped(
-                    Arc::clone(key),
-                    prepared,
-                    now,
-                    times,
-                    0,
-                    times.keep_for(now),
-                )
+                self.plan_stamped(Arc::clone(key), prepared, times, 0, times.keep_for(now))
             }
         }
     }

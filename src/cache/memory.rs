@@ -217,7 +217,9 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
         drop(shard);
         let found = removed.is_some();
         drop(removed);
-        self.changed();
+        if found {
+            self.changed();
+        }
         found
     }
 

@@ -268,11 +268,6 @@ impl RedisStore {
         .await
     }
 
-    /// SET with a TTL in seconds for every item, in one pipeline (one round trip).
-    pub async fn set_many(&self, items: Vec<(String, Vec<u8>, u64)>) -> Result<(), StoreError> {
-        self.write_many(items, Vec::new()).await
-    }
-
     /// SETs (with TTLs in seconds) and DELs in one pipeline: one round trip, applied in
     /// order, nothing read back.
     pub async fn write_many(

@@ -117,29 +117,44 @@ type Completion = Box<dyn FnOnce(Python<'_>) + Send>;
 /// not once per result.
 pub(crate) struct LoopQueue {
     event_loop: Py<PyAny>,
+    /// The loop-side callback that runs `batch`.
     drain: Py<PyAny>,
+    batch: Arc<Batch>,
+}
+
+/// The completions of one loop not run yet, and whether a drain is on its way.
+struct Batch {
     pending: std::sync::Mutex<Vec<Completion>>,
     scheduled: std::sync::atomic::AtomicBool,
 }
 
+impl Batch {
+    /// On the loop's thread: runs every completion queued so far.
+    fn run(&self, py: Python<'_>) {
+        self.scheduled
+            .store(false, std::sync::atomic::Ordering::Release);
+        let batch = std::mem::take(&mut *crate::sync::lock(&self.pending));
+        for completion in batch {
+            completion(py);
+        }
+    }
+}
+
 impl LoopQueue {
     fn new(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Self>> {
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<LoopQueue>| {
-            let me = me.clone();
-            let drain = PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
-                if let Some(queue) = me.upgrade() {
-                    queue.run(args.py());
-                }
-                Ok::<_, PyErr>(())
-            })
-            .map(|f| f.into_any().unbind())
-            .unwrap_or_else(|_| py.None());
-            LoopQueue {
-                event_loop: event_loop.clone().unbind(),
-                drain,
-                pending: std::sync::Mutex::new(Vec::new()),
-                scheduled: std::sync::atomic::AtomicBool::new(false),
-            }
+        let batch = Arc::new(Batch {
+            pending: std::sync::Mutex::new(Vec::new()),
+            scheduled: std::sync::atomic::AtomicBool::new(false),
+        });
+        let drained = Arc::clone(&batch);
+        let drain = PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
+            drained.run(args.py());
+            Ok::<_, PyErr>(())
+        })?;
+        Ok(Arc::new(LoopQueue {
+            event_loop: event_loop.clone().unbind(),
+            drain: drain.into_any().unbind(),
+            batch,
         }))
     }
 
@@ -166,8 +181,9 @@ impl LoopQueue {
 
     /// From any thread: runs `completion` on the loop's thread soon.
     fn push(self: &Arc<Self>, completion: Completion) {
-        crate::sync::lock(&self.pending).push(completion);
+        crate::sync::lock(&self.batch.pending).push(completion);
         if self
+            .batch
             .scheduled
             .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
@@ -176,7 +192,8 @@ impl LoopQueue {
         Python::attach(|py| {
             let event_loop = self.event_loop.bind(py);
             if let Err(err) = event_loop.call_method1("call_soon_threadsafe", (&self.drain,)) {
-                self.scheduled
+                self.batch
+                    .scheduled
                     .store(false, std::sync::atomic::Ordering::Release);
                 // A closed loop has nobody left to tell; anything else is worth seeing.
                 let closed = event_loop
@@ -188,16 +205,6 @@ impl LoopQueue {
                 }
             }
         });
-    }
-
-    /// On the loop's thread: runs every completion queued so far.
-    fn run(&self, py: Python<'_>) {
-        self.scheduled
-            .store(false, std::sync::atomic::Ordering::Release);
-        let batch = std::mem::take(&mut *crate::sync::lock(&self.pending));
-        for completion in batch {
-            completion(py);
-        }
     }
 }
 

@@ -296,6 +296,55 @@ impl RedisStore {
         .await
     }
 
+    /// Like `write_many`, but each SET returns the value it replaced (`SET … GET`), in
+    /// the order of `sets`.
+    pub async fn swap_many(
+        &self,
+        sets: Vec<(String, Vec<u8>, u64)>,
+        deletes: Vec<String>,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if sets.is_empty() && deletes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|mut conn| async move {
+            let mut pipe = redis::pipe();
+            for (key, value, seconds) in sets {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(seconds)
+                    .arg("GET");
+            }
+            if !deletes.is_empty() {
+                pipe.cmd("DEL").arg(deletes).ignore();
+            }
+            pipe.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// Deletes `key` only while its JSON record has `field == expected` (one script).
+    pub async fn unlink_if_names(
+        &self,
+        key: String,
+        field: String,
+        expected: String,
+    ) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = script(&SCRIPT, include_str!("scripts/unlink_if_names.lua"));
+        self.run(|mut conn| async move {
+            script
+                .key(key)
+                .arg(field)
+                .arg(expected)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn delete(&self, keys: Vec<String>) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);

@@ -110,6 +110,15 @@ impl RedisStore {
             CoreError::invalid(format!("invalid Redis URL {}: {err}", redact(&config.url)))
         })?;
         let display_url = redact(&config.url);
+        // Redis numbers its databases with an int; a bigger index can never be selected,
+        // and would otherwise look like an outage that reconnects forever.
+        let db = client.get_connection_info().redis_settings().db();
+        if !(0..=i64::from(i32::MAX)).contains(&db) {
+            return Err(CoreError::invalid(format!(
+                "invalid Redis URL {display_url}: database index {db} is out of range (0 to {})",
+                i32::MAX
+            )));
+        }
         Ok(Arc::new_cyclic(|me| Self {
             client,
             config,

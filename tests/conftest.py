@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import tenuto
-from tenuto.testing import FakeClock, RedisServer
+from tenuto.testing import FakeClock, RedisCluster, RedisServer
 
 
 def new_redis_server() -> RedisServer:
@@ -30,6 +30,22 @@ def new_redis_server() -> RedisServer:
 def redis_server() -> Iterator[RedisServer]:
     with new_redis_server() as server:
         yield server
+
+
+def new_redis_cluster() -> RedisCluster:
+    try:
+        return RedisCluster()
+    except FileNotFoundError:
+        if os.environ.get("CI"):
+            pytest.fail("redis-cli is not installed, and CI must run the cluster tests")
+        pytest.skip("redis-cli is not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """3 primaries + 3 replicas on loopback, shared by the whole session."""
+    with new_redis_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -58,9 +74,18 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def backend_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """The URL of the shared server for `backend` (None: memory)."""
+    if backend == "redis":
+        return str(request.getfixturevalue("redis_server").url)
+    if backend == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return None
 
 
 @pytest.fixture
@@ -68,7 +93,5 @@ def cache(
     backend: str, clock: FakeClock, namespace: str, request: pytest.FixtureRequest
 ) -> tenuto.Cache:
     """A jitter-free cache on the fake clock, on each backend in turn."""
-    url = None
-    if backend == "redis":
-        url = request.getfixturevalue("redis_server").url
+    url = backend_url(backend, request)
     return tenuto.Cache(url, namespace=namespace, jitter=0.0, clock=clock, fail_open=False)

@@ -312,7 +312,7 @@ def _hold_leases(url: str, name: str, barrier, results) -> None:  # pragma: no c
             import redis as redis_py
 
             client = redis_py.Redis.from_url(url)
-            peak_seen.append(client.zcard(f"tenuto|limit|{name}:leases"))
+            peak_seen.append(client.zcard(f"tenuto|limit|{{{name}}}:leases"))
             client.close()
             time.sleep(0.05)  # holding the lease, like an upstream call
 
@@ -538,7 +538,7 @@ async def test_async_paths_share_the_limit_through_redis(
     await asyncio.gather(*(call() for _ in range(6)))
     assert peak == 1, "one lease left for this process's tasks"
     elsewhere._unlease(held)
-    assert raw_redis.zcard(f"tenuto|limit|{name}:leases") == 0, "every lease given back"
+    assert raw_redis.zcard(f"tenuto|limit|{{{name}}}:leases") == 0, "every lease given back"
     assert capped.stats()["in_flight"] == 0
 
 

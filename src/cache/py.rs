@@ -546,7 +546,7 @@ fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
         return Ok(Some(url.to_string()));
     }
     Err(PyValueError::new_err(format!(
-        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey:// or valkeys://",
+        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey://, valkeys:// or one of them with +cluster",
         super::redis::redact(url)
     )))
 }

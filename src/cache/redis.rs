@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
+use futures_util::future::try_join_all;
+use redis::{ErrorKind, RedisError};
 
+use super::conn::{Client, Conn};
 use super::engine::{FlightKeys, LockReply, Remote};
+use super::topology;
 use crate::error::{CoreError, CoreResult};
 use crate::runtime;
 
@@ -45,21 +47,21 @@ impl From<StoreError> for CoreError {
 
 struct ConnState {
     epoch: u64,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     down: bool,
     reconnecting: bool,
     last_error: String,
 }
 
 pub struct RedisStore {
-    client: redis::Client,
+    client: Client,
     config: RedisConfig,
     /// URL without its password, for logs and stats.
     pub display_url: String,
     state: Mutex<ConnState>,
     /// Connections for blocking waits (BLPOP), which would stall every other command on
     /// the shared multiplexed connection. Tagged with the fork epoch they were made in.
-    blocking: Mutex<(u64, Vec<MultiplexedConnection>)>,
+    blocking: Mutex<(u64, Vec<Conn>)>,
     policy_checked: std::sync::atomic::AtomicBool,
     eviction_policy: Mutex<Option<String>>,
     pub outages: AtomicU64,
@@ -71,8 +73,17 @@ const BLOCKING_POOL: usize = 4;
 /// How long the wake-up list of a finished load lives (waiters pop it within this).
 const WAKE_LIST_MS: u64 = 10_000;
 
-/// Redis URL schemes tenuto accepts (redis-rs reads all of them).
-pub const SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
+/// Redis URL schemes tenuto accepts (the `+cluster` ones name a Redis Cluster's seeds).
+pub const SCHEMES: [&str; 8] = [
+    "redis",
+    "rediss",
+    "valkey",
+    "valkeys",
+    "redis+cluster",
+    "rediss+cluster",
+    "valkey+cluster",
+    "valkeys+cluster",
+];
 
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -102,17 +113,18 @@ fn is_outage(err: &RedisError) -> bool {
 
 impl RedisStore {
     pub fn new(config: RedisConfig) -> CoreResult<Arc<Self>> {
-        if config.url.starts_with("rediss://") || config.url.starts_with("valkeys://") {
+        let display_url = redact(&config.url);
+        let invalid =
+            |err: String| CoreError::invalid(format!("invalid Redis URL {display_url}: {err}"));
+        let seeds = topology::cluster_seeds(&config.url).map_err(invalid)?;
+        if config.url.starts_with("rediss") || config.url.starts_with("valkeys") {
             // rustls needs a process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| {
-            CoreError::invalid(format!("invalid Redis URL {}: {err}", redact(&config.url)))
-        })?;
-        let display_url = redact(&config.url);
+        let client = Client::open(&config.url, seeds).map_err(|err| invalid(err.to_string()))?;
         // Redis numbers its databases with an int; a bigger index can never be selected,
         // and would otherwise look like an outage that reconnects forever.
-        let db = client.get_connection_info().redis_settings().db();
+        let db = client.db();
         if !(0..=i64::from(i32::MAX)).contains(&db) {
             return Err(CoreError::invalid(format!(
                 "invalid Redis URL {display_url}: database index {db} is out of range (0 to {})",
@@ -165,17 +177,15 @@ impl RedisStore {
         self.lock().last_error.clone()
     }
 
-    fn connection_config(&self) -> AsyncConnectionConfig {
-        AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config.connect_timeout))
-            .set_response_timeout(Some(self.config.command_timeout))
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        let config = self.connection_config();
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+    async fn connect(&self) -> Result<Conn, String> {
+        let attempt = self.client.connect(
+            self.config.connect_timeout,
+            Some(self.config.command_timeout),
+        );
         match tokio::time::timeout(self.config.connect_timeout, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(err.to_string()),
@@ -186,7 +196,7 @@ impl RedisStore {
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn connection(&self) -> Result<Conn, StoreError> {
         {
             let state = self.lock();
             if state.down {
@@ -242,7 +252,7 @@ impl RedisStore {
     /// Runs one command (or pipeline) with the command timeout; outages mark the store down.
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.connection().await?;
@@ -287,6 +297,35 @@ impl RedisStore {
         if sets.is_empty() && deletes.is_empty() {
             return Ok(());
         }
+        if self.is_cluster() {
+            // A cluster takes a pipeline only within one slot: one command per key instead,
+            // sent together (each node gets its share in one batch on its connection).
+            return self
+                .run(|conn| async move {
+                    let sets = sets.into_iter().map(|(key, value, seconds)| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("EX")
+                                .arg(seconds)
+                                .query_async::<()>(&mut conn)
+                                .await
+                        }
+                    });
+                    try_join_all(sets).await?;
+                    if !deletes.is_empty() {
+                        let mut conn = conn.clone();
+                        redis::cmd("DEL")
+                            .arg(deletes)
+                            .query_async::<()>(&mut conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+                .await;
+        }
         self.run(|mut conn| async move {
             let mut pipe = redis::pipe();
             for (key, value, seconds) in sets {
@@ -314,6 +353,34 @@ impl RedisStore {
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if sets.is_empty() && deletes.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.is_cluster() {
+            return self
+                .run(|conn| async move {
+                    let sets = sets.into_iter().map(|(key, value, seconds)| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("EX")
+                                .arg(seconds)
+                                .arg("GET")
+                                .query_async::<Option<Vec<u8>>>(&mut conn)
+                                .await
+                        }
+                    });
+                    let replaced = try_join_all(sets).await?;
+                    if !deletes.is_empty() {
+                        let mut conn = conn.clone();
+                        redis::cmd("DEL")
+                            .arg(deletes)
+                            .query_async::<()>(&mut conn)
+                            .await?;
+                    }
+                    Ok(replaced)
+                })
+                .await;
         }
         self.run(|mut conn| async move {
             let mut pipe = redis::pipe();
@@ -363,25 +430,41 @@ impl RedisStore {
     }
 
     /// Deletes every key matching `pattern` with SCAN + UNLINK (never KEYS, which blocks the
-    /// server). Returns how many keys were removed.
+    /// server), on every primary of a cluster. Returns how many keys were removed.
     async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
+        let nodes = if self.is_cluster() {
+            self.primaries().await?
+        } else {
+            vec![ClusterNode::default()]
+        };
+        let mut removed = 0;
+        for node in nodes {
+            removed += self.delete_matching_on(&node, &pattern).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn delete_matching_on(
+        &self,
+        node: &ClusterNode,
+        pattern: &str,
+    ) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let pattern = pattern.clone();
-            let (next, keys): (u64, Vec<String>) = self
-                .run(|mut conn| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await
-                })
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let reply = self
+                .run(|mut conn| async move { conn.on_node(&node.host, node.port, scan).await })
                 .await?;
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
+                .map_err(|err| StoreError::Command(err.to_string()))?;
             if !keys.is_empty() {
+                // UNLINK of many keys: a cluster connection splits it by slot.
                 removed += self
                     .run(|mut conn| async move {
                         redis::cmd("UNLINK")
@@ -396,6 +479,58 @@ impl RedisStore {
             }
             cursor = next;
         }
+    }
+
+    /// The cluster's primaries and how many slots each serves (`CLUSTER SLOTS`).
+    pub async fn primaries(&self) -> Result<Vec<ClusterNode>, StoreError> {
+        let reply: redis::Value = self
+            .run(|mut conn| async move {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let ranges: Vec<(i64, i64, Vec<redis::Value>)> = match reply {
+            redis::Value::Array(items) => items
+                .into_iter()
+                .filter_map(|item| match item {
+                    redis::Value::Array(mut parts) if parts.len() >= 3 => {
+                        let start = redis::from_redis_value::<i64>(parts[0].clone()).ok()?;
+                        let end = redis::from_redis_value::<i64>(parts[1].clone()).ok()?;
+                        match parts.swap_remove(2) {
+                            redis::Value::Array(node) => Some((start, end, node)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        for (start, end, node) in ranges {
+            let host = node
+                .first()
+                .cloned()
+                .and_then(|v| redis::from_redis_value::<String>(v).ok());
+            let port = node
+                .get(1)
+                .cloned()
+                .and_then(|v| redis::from_redis_value::<u16>(v).ok());
+            let (Some(host), Some(port)) = (host, port) else {
+                continue;
+            };
+            let slots = (end - start + 1).max(0) as u32;
+            match nodes.iter_mut().find(|n| n.host == host && n.port == port) {
+                Some(n) => n.slots += slots,
+                None => nodes.push(ClusterNode { host, port, slots }),
+            }
+        }
+        if nodes.is_empty() {
+            return Err(StoreError::Command("CLUSTER SLOTS named no primary".into()));
+        }
+        Ok(nodes)
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
@@ -505,7 +640,7 @@ impl RedisStore {
     /// `allkeys-*` policy Redis may evict limiter, breaker and lock keys like any cache
     /// entry (a limiter then forgets what it admitted): one warning says so, and `stats()`
     /// shows the policy. Servers that refuse CONFIG (managed services) are left alone.
-    fn check_eviction_policy(&self, mut conn: MultiplexedConnection) {
+    fn check_eviction_policy(&self, mut conn: Conn) {
         if self
             .policy_checked
             .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -538,7 +673,7 @@ impl RedisStore {
         crate::sync::lock(&self.eviction_policy).clone()
     }
 
-    fn take_blocking(&self) -> Option<MultiplexedConnection> {
+    fn take_blocking(&self) -> Option<Conn> {
         let mut pool = crate::sync::lock(&self.blocking);
         let epoch = runtime::fork_epoch();
         if pool.0 != epoch {
@@ -549,26 +684,21 @@ impl RedisStore {
         pool.1.pop()
     }
 
-    fn give_back_blocking(&self, conn: MultiplexedConnection) {
+    fn give_back_blocking(&self, conn: Conn) {
         let mut pool = crate::sync::lock(&self.blocking);
         if pool.0 == runtime::fork_epoch() && pool.1.len() < BLOCKING_POOL {
             pool.1.push(conn);
         }
     }
 
-    async fn blocking_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn blocking_connection(&self) -> Result<Conn, StoreError> {
         if self.is_down() {
             return Err(StoreError::Unavailable(self.last_error()));
         }
         if let Some(conn) = self.take_blocking() {
             return Ok(conn);
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config.connect_timeout))
-            .set_response_timeout(None);
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+        let attempt = self.client.connect(self.config.connect_timeout, None);
         match tokio::time::timeout(self.config.connect_timeout, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
@@ -576,7 +706,7 @@ impl RedisStore {
         }
     }
 
-    async fn ping(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn ping(&self, conn: &mut Conn) -> Result<(), String> {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(conn);
         match tokio::time::timeout(self.config.command_timeout, ping).await {
@@ -730,6 +860,14 @@ impl Remote for RedisStore {
             Err(_) => Err(StoreError::Unavailable("BLPOP timed out".into())),
         }
     }
+}
+
+/// A cluster primary (the default: "the server" of a single-server store).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub host: String,
+    pub port: u16,
+    pub slots: u32,
 }
 
 /// A shared limiter's answer, from the server's clock.

@@ -12,13 +12,13 @@ sleeping.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -79,13 +79,17 @@ class RedisServer:
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
         self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        # A private working directory: a replica's sync file (dump.rdb) never lands in the
+        # caller's directory, and no server starts by loading another one's data.
+        self._dir = tempfile.mkdtemp(prefix="tenuto-redis-")
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._dir]
         args += ["--save", "", "--appendonly", "no", *self.extra_args]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -111,6 +115,9 @@ class RedisServer:
             self._proc.kill()
             self._proc.wait(timeout=10)
             self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def pause(self) -> None:
         """Freezes the server (SIGSTOP): connections stay open and commands hang, like a
@@ -149,6 +156,7 @@ class RedisCluster:
         self.replicas = replicas
         self.node_timeout = node_timeout
         self.nodes: list[RedisServer] = []
+        self._dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -156,6 +164,7 @@ class RedisCluster:
         return f"redis+cluster://{hosts}"
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
+        self._dir = tempfile.mkdtemp(prefix="tenuto-cluster-")
         try:
             for _ in range(self.masters * (1 + self.replicas)):
                 port = free_cluster_port()
@@ -163,20 +172,24 @@ class RedisCluster:
                     port=port,
                     extra_args=[
                         "--cluster-enabled", "yes",
-                        "--cluster-config-file", f"/tmp/tenuto-cluster-{port}.conf",
+                        "--cluster-config-file", os.path.join(self._dir, f"nodes-{port}.conf"),
                         "--cluster-node-timeout", str(self.node_timeout),
+                        # A replica may take over however old its data: test clusters
+                        # are killed right after they start.
+                        "--cluster-replica-validity-factor", "0",
                     ],
                 )  # fmt: skip
                 self.nodes.append(node.start())
             addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            subprocess.run(
+            created = subprocess.run(
                 [self.cli, "--cluster", "create", *addresses]
                 + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                capture_output=True,
+                text=True,
                 timeout=timeout,
             )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
             self.wait_healthy(timeout)
         except BaseException:
             self.stop()
@@ -194,12 +207,17 @@ class RedisCluster:
         return done.stdout
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until every running node reports ``cluster_state:ok`` and all slots assigned."""
+        """Until every running node reports ``cluster_state:ok`` with all slots served,
+        and every replica is in sync with its primary."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            states = [self.info(n, "cluster", "info") for n in self.nodes if n.running]
-            if states and all(
-                "cluster_state:ok" in s and "cluster_slots_ok:16384" in s for s in states
+            running = [n for n in self.nodes if n.running]
+            states = [self.info(n, "cluster", "info") for n in running]
+            roles = [self.info(n, "info", "replication") for n in running]
+            if (
+                states
+                and all("cluster_state:ok" in s and "cluster_slots_ok:16384" in s for s in states)
+                and all("role:master" in r or "master_link_status:up" in r for r in roles)
             ):
                 return
             time.sleep(0.1)  # polling the cluster's own state, bounded by the deadline
@@ -216,10 +234,10 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-        for node in self.nodes:
-            with contextlib.suppress(OSError):
-                os.remove(f"/tmp/tenuto-cluster-{node.port}.conf")
         self.nodes = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def __enter__(self) -> RedisCluster:
         return self.start()

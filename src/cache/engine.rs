@@ -396,10 +396,11 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         self.clock.now_secs()
     }
 
-    /// True when operations go to the remote now (so they need the runtime); false when
-    /// they complete on memory at once.
+    /// True when operations may go to the remote (so they run on the runtime); false when
+    /// they complete on memory at once. A remote marked down counts: it can come back
+    /// between this answer and the operation, which must then be inside the runtime.
     pub fn uses_remote(&self) -> bool {
-        self.remote.as_ref().is_some_and(|r| !r.is_down())
+        self.remote.is_some()
     }
 
     /// The key under which `key` is stored remotely.

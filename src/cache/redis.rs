@@ -47,6 +47,10 @@ impl From<StoreError> for CoreError {
 
 struct ConnState {
     epoch: u64,
+    /// Bumped whenever `conn` is replaced: a failure seen on an older connection (a
+    /// command that was in flight when the store reconnected) does not mark the new one
+    /// down.
+    generation: u64,
     conn: Option<Conn>,
     down: bool,
     reconnecting: bool,
@@ -137,6 +141,7 @@ impl RedisStore {
             display_url,
             state: Mutex::new(ConnState {
                 epoch: runtime::fork_epoch(),
+                generation: 0,
                 conn: None,
                 down: false,
                 reconnecting: false,
@@ -159,6 +164,7 @@ impl RedisStore {
             std::mem::forget(state.conn.take());
             *state = ConnState {
                 epoch,
+                generation: state.generation + 1,
                 conn: None,
                 down: false,
                 reconnecting: false,
@@ -196,36 +202,46 @@ impl RedisStore {
         }
     }
 
-    async fn connection(&self) -> Result<Conn, StoreError> {
-        {
+    /// The shared connection and its generation.
+    async fn connection(&self) -> Result<(Conn, u64), StoreError> {
+        let generation = {
             let state = self.lock();
             if state.down {
                 return Err(StoreError::Unavailable(state.last_error.clone()));
             }
             if let Some(conn) = &state.conn {
-                return Ok(conn.clone());
+                return Ok((conn.clone(), state.generation));
             }
-        }
+            state.generation
+        };
         match self.connect().await {
             Ok(conn) => {
                 let conn = {
                     let mut state = self.lock();
                     // Another caller may have connected meanwhile; keep the first.
-                    state.conn.get_or_insert(conn).clone()
+                    if state.conn.is_none() {
+                        state.generation += 1;
+                    }
+                    (state.conn.get_or_insert(conn).clone(), state.generation)
                 };
-                self.check_eviction_policy(conn.clone());
+                self.check_eviction_policy(conn.0.clone());
                 Ok(conn)
             }
             Err(reason) => {
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
         }
     }
 
-    fn mark_down(&self, reason: String) {
+    /// Marks the store down after a failure on connection `generation`; a failure on an
+    /// older connection than the current one is that command's alone.
+    fn mark_down(&self, generation: u64, reason: String) {
         let first = {
             let mut state = self.lock();
+            if state.generation != generation {
+                return;
+            }
             state.conn = None;
             state.last_error = reason.clone();
             let first = !state.down;
@@ -255,18 +271,18 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
+        let (conn, generation) = self.connection().await?;
         match tokio::time::timeout(self.config.command_timeout, op(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) if !is_outage(&err) => Err(StoreError::Command(err.to_string())),
             Ok(Err(err)) => {
                 let reason = err.to_string();
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
             Err(_) => {
                 let reason = format!("command timed out after {:?}", self.config.command_timeout);
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
         }
@@ -912,6 +928,7 @@ async fn reconnect_loop(store: Weak<RedisStore>) {
                 {
                     let mut state = store.lock();
                     state.conn = Some(conn);
+                    state.generation += 1;
                     state.down = false;
                     state.reconnecting = false;
                 }

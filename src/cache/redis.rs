@@ -72,6 +72,8 @@ pub struct RedisStore {
     me: Weak<RedisStore>,
 }
 
+/// How many `connect_timeout`s a cluster connection may take (discovery, then primaries).
+const CLUSTER_CONNECT_STEPS: u32 = 4;
 /// Idle blocking connections kept per process.
 const BLOCKING_POOL: usize = 4;
 /// How long the wake-up list of a finished load lives (waiters pop it within this).
@@ -192,13 +194,17 @@ impl RedisStore {
             self.config.connect_timeout,
             Some(self.config.command_timeout),
         );
-        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+        // `connect_timeout` bounds each TCP connect; a cluster connection also asks for the
+        // slot map and connects to every primary, so it gets a few of them.
+        let budget = if self.is_cluster() {
+            self.config.connect_timeout * CLUSTER_CONNECT_STEPS
+        } else {
+            self.config.connect_timeout
+        };
+        match tokio::time::timeout(budget, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!(
-                "connect timed out after {:?}",
-                self.config.connect_timeout
-            )),
+            Err(_) => Err(format!("connect timed out after {budget:?}")),
         }
     }
 
@@ -715,7 +721,12 @@ impl RedisStore {
             return Ok(conn);
         }
         let attempt = self.client.connect(self.config.connect_timeout, None);
-        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+        let budget = if self.is_cluster() {
+            self.config.connect_timeout * CLUSTER_CONNECT_STEPS
+        } else {
+            self.config.connect_timeout
+        };
+        match tokio::time::timeout(budget, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
             Err(_) => Err(StoreError::Unavailable("connect timed out".into())),

@@ -32,6 +32,18 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+def redis_py_client(url: str):
+    """redis-py on `url`, a single server's or a cluster's (tenuto.testing URLs)."""
+    import redis
+
+    if "+cluster://" in url:
+        from redis.cluster import RedisCluster as PyCluster
+
+        host, port = url.split("://", 1)[1].split(",")[0].rsplit(":", 1)
+        return PyCluster(host=host, port=int(port))
+    return redis.Redis.from_url(url)
+
+
 def new_redis_cluster() -> RedisCluster:
     try:
         return RedisCluster()
@@ -43,9 +55,18 @@ def new_redis_cluster() -> RedisCluster:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    """3 primaries + 3 replicas on loopback, shared by the whole session."""
+    """3 primaries + 3 replicas on loopback, shared by the whole session. At the end, no
+    node may have refused a command for touching several slots."""
     with new_redis_cluster() as cluster:
         yield cluster
+        refused = {
+            node.port: line
+            for node in cluster.nodes
+            if node.running
+            for line in cluster.info(node, "info", "errorstats").splitlines()
+            if "CROSSSLOT" in line
+        }
+        assert refused == {}, f"CROSSSLOT errors during the session: {refused}"
 
 
 @pytest.fixture
@@ -86,6 +107,14 @@ def backend_url(backend: str, request: pytest.FixtureRequest) -> str | None:
     if backend == "cluster":
         return str(request.getfixturevalue("redis_cluster").url)
     return None
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """A standalone server's URL, then the cluster's: state shared through either."""
+    url = backend_url(request.param, request)
+    assert url is not None
+    return url
 
 
 @pytest.fixture

@@ -224,5 +224,18 @@ def test_a_primary_killed_under_load(namespace) -> None:
             raw.close()
         # Close the cache's connections before its cluster stops, so no client keeps
         # reconnecting to dead nodes on the shared runtime after the test.
-        del song, cache
+        threads.clear()
+        del load
+        song = cache = None  # noqa: F811, F841 - drops the last references
         gc.collect()
+
+
+def test_stats_name_every_primary(redis_cluster, namespace) -> None:
+    cache = tenuto.Cache(redis_cluster.url, namespace=namespace)
+    cache.set("k", 1, ttl=60)
+    nodes = cache.stats()["nodes"]
+    assert len(nodes) == 3 and all(n["reachable"] for n in nodes)
+    assert sum(n["slots"] for n in nodes) == 16384
+    assert {n["address"] for n in nodes} == {
+        f"127.0.0.1:{p.port}" for p in redis_cluster.primaries()
+    }

@@ -503,6 +503,32 @@ impl RedisStore {
         }
     }
 
+    /// Each primary of a cluster with its slots and whether it answers PING now (for
+    /// `stats()`). Empty for a single server, or when the slot map cannot be read.
+    pub async fn node_health(&self) -> Vec<(ClusterNode, bool)> {
+        if !self.is_cluster() {
+            return Vec::new();
+        }
+        let Ok(nodes) = self.primaries().await else {
+            return Vec::new();
+        };
+        let Ok((conn, _)) = self.connection().await else {
+            return nodes.into_iter().map(|n| (n, false)).collect();
+        };
+        let pings = nodes.into_iter().map(|node| {
+            let mut conn = conn.clone();
+            async move {
+                let ping = conn.on_node(&node.host, node.port, redis::cmd("PING"));
+                let up = matches!(
+                    tokio::time::timeout(self.config.command_timeout, ping).await,
+                    Ok(Ok(_))
+                );
+                (node, up)
+            }
+        });
+        futures_util::future::join_all(pings).await
+    }
+
     /// The cluster's primaries and how many slots each serves (`CLUSTER SLOTS`).
     pub async fn primaries(&self) -> Result<Vec<ClusterNode>, StoreError> {
         let reply: redis::Value = self

@@ -37,6 +37,7 @@ __all__ = [
     "_seconds",
     "_request_var",
     "current_state",
+    "companion_key",
     "stable_key",
 ]
 
@@ -146,6 +147,8 @@ class Cache:
         connect_timeout: float = 0.25,
         command_timeout: float = 1.0,
         clock: FakeClock | Callable[[], float] | None = None,
+        local: int | None = None,
+        local_ttl: float = 5.0,
     ) -> Cache: ...
     @classmethod
     def from_env(cls, **kwargs: Any) -> Cache: ...

@@ -7,6 +7,7 @@ use crate::error::{CoreError, CoreResult};
 
 pub mod conn;
 pub mod engine;
+pub mod local;
 pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;

@@ -17,6 +17,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 use super::engine::{Config, Decode, Engine, Found, Prepared, Write};
+use super::local::Invalidated;
 use super::memory::Entry;
 use super::redis::{RedisConfig, RedisStore, StoreError, SCHEMES};
 use super::{State, Times};
@@ -641,9 +642,9 @@ impl PyCache {
     #[pyo3(signature = (
         url = None, namespace = "app", max_entries = Count(10_000), jitter = 0.1, fail_open = true,
         *, serializer = "json", max_value_bytes = Count(16 * 1024 * 1024), connect_timeout = 0.25,
-        command_timeout = 1.0, clock = None
+        command_timeout = 1.0, clock = None, local = None, local_ttl = 5.0
     ),
-    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None)")]
+    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None, local=None, local_ttl=5.0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -657,8 +658,26 @@ impl PyCache {
         connect_timeout: f64,
         command_timeout: f64,
         clock: Option<&Bound<'_, PyAny>>,
+        local: Option<Count>,
+        local_ttl: f64,
     ) -> PyResult<Self> {
         let (Count(max_entries), Count(max_value_bytes)) = (max_entries, max_value_bytes);
+        let local = match local {
+            None => None,
+            Some(Count(n)) if n < 1 => {
+                return Err(PyValueError::new_err(format!(
+                    "local must be a number of entries of at least 1, got {n}"
+                )))
+            }
+            Some(Count(n)) => {
+                if !(local_ttl.is_finite() && (1.0..=86_400.0).contains(&local_ttl)) {
+                    return Err(PyValueError::new_err(format!(
+                        "local_ttl must be between 1 and 86400 seconds, got {local_ttl}"
+                    )));
+                }
+                Some((n as u64, local_ttl.ceil() as i64))
+            }
+        };
         if namespace.is_empty() {
             return Err(PyValueError::new_err("namespace must not be empty"));
         }
@@ -685,6 +704,7 @@ impl PyCache {
                 url: url.clone(),
                 connect_timeout: timeout_arg("connect_timeout", connect_timeout)?,
                 command_timeout: timeout_arg("command_timeout", command_timeout)?,
+                tracking_prefix: local.map(|_| format!("{namespace}:")),
             })?),
             None => None,
         };
@@ -699,6 +719,7 @@ impl PyCache {
             fail_open,
             max_entries: max_entries as u64,
             max_value_bytes: max_value_bytes as usize,
+            local,
         };
         let engine = Engine::new(config, clock_ref(&clock, py), redis)?;
         Ok(Self {
@@ -956,6 +977,20 @@ impl PyCache {
         d.set_item("loads", s.loads)?;
         d.set_item("hit_rate", rate(s.hits))?;
         d.set_item("stale_rate", rate(s.stale_hits))?;
+        if let Some(local) = &s.local {
+            d.set_item("local_hits", local.hits)?;
+            d.set_item("local_size", local.size)?;
+            d.set_item("local_invalidated", local.invalidated)?;
+            d.set_item("local_flushes", local.flushes)?;
+            d.set_item(
+                "local_invalidation",
+                match local.by {
+                    Invalidated::Pending => "pending",
+                    Invalidated::ByServer => "server",
+                    Invalidated::ByTtlOnly => "ttl",
+                },
+            )?;
+        }
         if let Some(store) = self.binding.engine.remote().filter(|r| r.is_cluster()) {
             let store = Arc::clone(store);
             let health =

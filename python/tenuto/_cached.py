@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from tenuto import _live
 from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state, _seconds
 
 log = logging.getLogger("tenuto.cached")
@@ -329,6 +330,7 @@ def decorator(
         wrapper._cache = cache
         wrapper._breaker = breaker
         functools.update_wrapper(wrapper, fn)
+        _live.functions.add(wrapper)
         return wrapper
 
     return decorate

@@ -141,3 +141,29 @@ def stats_router(cache: Cache, *, guard: Guard | None = None, path: str = "/stat
         return cache.stats()
 
     return router
+
+
+def metrics_router(*, path: str = "/metrics", guard: Guard | None = None) -> APIRouter:
+    """`GET {path}`: a Prometheus scrape of every tenuto object in the process
+    (`tenuto.metrics`; needs prometheus_client). Labels carry no cache keys, so the
+    guard is optional; `guard(request)` (sync or async) returning false answers 403."""
+    from tenuto import metrics
+
+    metrics.exposition()  # fails now, not at the first scrape, without prometheus_client
+    router = APIRouter()
+
+    async def allowed(request: Request) -> None:
+        if guard is None:
+            return
+        verdict = guard(request)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if not verdict:
+            raise HTTPException(status_code=403, detail="metrics are not available to this client")
+
+    @router.get(path, dependencies=[Depends(allowed)])
+    def tenuto_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(content=body, media_type=content_type)
+
+    return router

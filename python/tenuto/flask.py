@@ -74,6 +74,10 @@ class Tenuto:
 
     `stats_path` (off by default) adds a JSON view of `cache.stats()`, served only when
     `stats_guard()` returns true: the view tells how the app's caches behave, so guard it.
+
+    `metrics_path` (off by default, e.g. "/metrics") adds a Prometheus scrape view of every
+    tenuto object in the process (`tenuto.metrics`; needs prometheus_client). Its labels
+    carry no cache keys, so it may stay unguarded; `metrics_guard()` can still restrict it.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class Tenuto:
         *,
         stats_path: str | None = None,
         stats_guard: Callable[[], bool] | None = None,
+        metrics_path: str | None = None,
+        metrics_guard: Callable[[], bool] | None = None,
     ) -> None:
         if stats_path is not None and cache is None:
             raise ValueError("stats_path needs cache=")
@@ -91,6 +97,12 @@ class Tenuto:
         self.cache = cache
         self.stats_path = stats_path
         self.stats_guard = stats_guard
+        self.metrics_path = metrics_path
+        self.metrics_guard = metrics_guard
+        if metrics_path is not None:
+            from tenuto import metrics
+
+            metrics.exposition()  # fails now, not at the first scrape, without prometheus_client
         if app is not None:
             self.init_app(app)
 
@@ -101,6 +113,8 @@ class Tenuto:
         app.teardown_request(self._close_scope)
         if self.stats_path is not None:
             app.add_url_rule(self.stats_path, "tenuto_stats", self._stats_view)
+        if self.metrics_path is not None:
+            app.add_url_rule(self.metrics_path, "tenuto_metrics", self._metrics_view)
 
     @staticmethod
     def _open_scope() -> None:
@@ -126,3 +140,11 @@ class Tenuto:
         if not self.stats_guard():
             abort(403)
         return jsonify(self.cache.stats())
+
+    def _metrics_view(self) -> Any:
+        from tenuto import metrics
+
+        if self.metrics_guard is not None and not self.metrics_guard():
+            abort(403)
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)

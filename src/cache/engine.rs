@@ -26,6 +26,7 @@ use crate::clock::ClockRef;
 use crate::codec::{decode_envelope, encode_envelope};
 use crate::error::{CoreError, CoreResult};
 use crate::flight::{Flight, Joined, LeaderGuard, Outcome, SingleFlight};
+use crate::metrics::UpstreamStats;
 use crate::sync::lock;
 
 /// The condition a server error reports: its error code (`OOM`, `READONLY`, `NOPERM`...)
@@ -202,6 +203,8 @@ pub struct CallPolicy {
     pub negative: Option<Backoff>,
     /// None: no lock across processes (memory, or `distributed=False`).
     pub lock: Option<LockPolicy>,
+    /// The function's upstream calls (its loads and refreshes), for metrics.
+    pub upstream: Arc<UpstreamStats>,
 }
 
 impl CallPolicy {
@@ -225,6 +228,7 @@ impl CallPolicy {
             stale_ttl,
             negative,
             lock,
+            upstream: Arc::default(),
         })
     }
 }
@@ -898,6 +902,25 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         blocking: bool,
         seen: Option<(u64, Option<Arc<Entry<V>>>)>,
     ) -> CoreResult<Begin<V, R>> {
+        let mut begin = self
+            .begin_flight(key, policy, decoder, force, blocking, seen)
+            .await?;
+        if let Begin::Load(ticket) | Begin::Refresh(_, ticket) = &mut begin {
+            // The caller calls the upstream now: `store` or `fail` counts how it went.
+            ticket.upstream = Some((Arc::clone(&policy.upstream), std::time::Instant::now()));
+        }
+        Ok(begin)
+    }
+
+    async fn begin_flight(
+        self: &Arc<Self>,
+        key: &str,
+        policy: &CallPolicy,
+        decoder: &dyn Decode<V>,
+        force: bool,
+        blocking: bool,
+        seen: Option<(u64, Option<Arc<Entry<V>>>)>,
+    ) -> CoreResult<Begin<V, R>> {
         let mut seen = seen;
         loop {
             let guard = match self.loads.join(key) {
@@ -997,6 +1020,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                             flight: Some(TicketFlight::Refresh(refresh)),
                             prior: Some(entry),
                             lock,
+                            upstream: None,
                         };
                         Begin::Refresh(served, ticket)
                     }
@@ -1011,6 +1035,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                     flight: Some(TicketFlight::Load(guard)),
                     prior,
                     lock,
+                    upstream: None,
                 })
             }
         }
@@ -1217,6 +1242,8 @@ pub struct Ticket<V: Send + Sync + 'static, R: Remote> {
     flight: Option<TicketFlight<V>>,
     prior: Option<Arc<Entry<V>>>,
     lock: Option<HeldLock<R>>,
+    /// Where the upstream call this ticket stands for is counted, and when it began.
+    upstream: Option<(Arc<UpstreamStats>, std::time::Instant)>,
 }
 
 impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
@@ -1262,6 +1289,7 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
     /// Stores a planned value (write, unlock and wake waiters in one round trip) and shares
     /// it with every caller waiting for it.
     pub async fn store(mut self, write: Write<V>) -> CoreResult<Served<V>> {
+        self.record_upstream(true);
         let engine = Arc::clone(&self.engine);
         let lock = self.lock.take();
         let result = match (engine.route(), lock) {
@@ -1303,6 +1331,7 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
     /// The function failed: serve the prior value if it can still be served
     /// (stale-if-error; nothing is written), else share the error with every waiter.
     pub fn fail(mut self, error: V) -> Result<Served<V>, Failure<V>> {
+        self.record_upstream(false);
         drop(self.lock.take());
         let servable = self
             .prior
@@ -1327,6 +1356,12 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
                 }
                 Err(Failure(outcome))
             }
+        }
+    }
+
+    fn record_upstream(&mut self, ok: bool) {
+        if let Some((stats, began)) = self.upstream.take() {
+            stats.record(ok, began.elapsed());
         }
     }
 

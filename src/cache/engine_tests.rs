@@ -416,6 +416,12 @@ fn hit_stale_miss_on_memory() {
     assert_eq!(call(&e, &p, Ok("v4")), (Ok("v4".into()), true));
     let stats = e.stats();
     assert_eq!((stats.hits, stats.stale_hits), (2, 2));
+    let upstream = p.upstream.seconds.snapshot();
+    assert_eq!(
+        upstream.count, 3,
+        "two loads and one refresh called the upstream"
+    );
+    assert_eq!(p.upstream.ok.load(Ordering::Relaxed), 3);
 }
 
 #[test]

@@ -465,6 +465,85 @@ impl CacheBinding {
         self.engine.uses_remote()
     }
 
+    /// `Cache.stats()`: counters and state as a plain dict.
+    pub(crate) fn stats_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let engine = Arc::clone(&self.engine);
+        let s = py.detach(move || engine.stats());
+        release_pending(py);
+        let lookups = s.hits + s.stale_hits + s.misses;
+        let rate = |n: u64| {
+            if lookups == 0 {
+                0.0
+            } else {
+                n as f64 / lookups as f64
+            }
+        };
+        let d = PyDict::new(py);
+        d.set_item(
+            "backend",
+            if self.engine.remote().is_some() {
+                "redis"
+            } else {
+                "memory"
+            },
+        )?;
+        d.set_item("url", &self.url)?;
+        d.set_item("namespace", self.engine.namespace())?;
+        d.set_item("degraded", s.degraded)?;
+        d.set_item("degraded_writes", s.degraded_writes)?;
+        let policy = self.engine.remote().and_then(|r| r.eviction_policy());
+        d.set_item(
+            "evicts_tenuto_state",
+            policy.as_deref().is_some_and(|p| p.starts_with("allkeys-")),
+        )?;
+        d.set_item("maxmemory_policy", policy)?;
+        d.set_item("refused_writes", s.refused_writes)?;
+        d.set_item("hits", s.hits)?;
+        d.set_item("stale_hits", s.stale_hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("sets", s.sets)?;
+        d.set_item("deletes", s.deletes)?;
+        d.set_item("errors", s.decode_errors + s.backend_errors)?;
+        d.set_item("decode_errors", s.decode_errors)?;
+        d.set_item("backend_errors", s.backend_errors)?;
+        d.set_item("outages", s.outages)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("size", s.size)?;
+        d.set_item("coalesced", s.coalesced)?;
+        d.set_item("loads", s.loads)?;
+        d.set_item("hit_rate", rate(s.hits))?;
+        d.set_item("stale_rate", rate(s.stale_hits))?;
+        if let Some(local) = &s.local {
+            d.set_item("local_hits", local.hits)?;
+            d.set_item("local_size", local.size)?;
+            d.set_item("local_invalidated", local.invalidated)?;
+            d.set_item("local_flushes", local.flushes)?;
+            d.set_item(
+                "local_invalidation",
+                match local.by {
+                    Invalidated::Pending => "pending",
+                    Invalidated::ByServer => "server",
+                    Invalidated::ByTtlOnly => "ttl",
+                },
+            )?;
+        }
+        if let Some(store) = self.engine.remote().filter(|r| r.is_cluster()) {
+            let store = Arc::clone(store);
+            let health =
+                py.detach(move || runtime::block_on(async move { store.node_health().await }));
+            let nodes = PyList::empty(py);
+            for (node, reachable) in health {
+                let n = PyDict::new(py);
+                n.set_item("address", format!("{}:{}", node.host, node.port))?;
+                n.set_item("slots", node.slots)?;
+                n.set_item("reachable", reachable)?;
+                nodes.append(n)?;
+            }
+            d.set_item("nodes", nodes)?;
+        }
+        Ok(d)
+    }
+
     fn lookup(&self, py: Python<'_>, found: Found<PyObj>) -> PyResult<PyLookup> {
         Ok(PyLookup {
             state: found.state,
@@ -636,6 +715,24 @@ impl PyCache {
     }
 }
 
+/// Every cache alive in this process, for an exporter to read at scrape time.
+static LIVE_CACHES: std::sync::Mutex<Vec<std::sync::Weak<CacheBinding>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `stats()` of every live cache (metrics exporters read this at scrape time).
+#[pyfunction]
+pub fn all_cache_stats<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    let live: Vec<Arc<CacheBinding>> = crate::sync::lock(&LIVE_CACHES)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let out = PyList::empty(py);
+    for cache in live {
+        out.append(cache.stats_dict(py)?)?;
+    }
+    Ok(out)
+}
+
 #[pymethods]
 impl PyCache {
     #[new]
@@ -722,15 +819,17 @@ impl PyCache {
             local,
         };
         let engine = Engine::new(config, clock_ref(&clock, py), redis)?;
-        Ok(Self {
-            binding: Arc::new(CacheBinding {
-                engine,
-                url,
-                serializer,
-                decoder: Arc::new(PyDecoder::new(serializer, None)),
-                clock,
-            }),
-        })
+        let binding = Arc::new(CacheBinding {
+            engine,
+            url,
+            serializer,
+            decoder: Arc::new(PyDecoder::new(serializer, None)),
+            clock,
+        });
+        let mut live = crate::sync::lock(&LIVE_CACHES);
+        live.retain(|c| c.strong_count() > 0);
+        live.push(Arc::downgrade(&binding));
+        Ok(Self { binding })
     }
 
     /// A cache on `TENUTO_URL`, else `REDIS_URL`, else memory; other options as for `Cache`.
@@ -934,78 +1033,7 @@ impl PyCache {
 
     /// Counters and backend health as a plain dict (no I/O).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let engine = Arc::clone(&self.binding.engine);
-        let s = py.detach(move || engine.stats());
-        release_pending(py);
-        let lookups = s.hits + s.stale_hits + s.misses;
-        let rate = |n: u64| {
-            if lookups == 0 {
-                0.0
-            } else {
-                n as f64 / lookups as f64
-            }
-        };
-        let d = PyDict::new(py);
-        d.set_item("backend", self.backend())?;
-        d.set_item("url", &self.binding.url)?;
-        d.set_item("namespace", self.binding.engine.namespace())?;
-        d.set_item("degraded", s.degraded)?;
-        d.set_item("degraded_writes", s.degraded_writes)?;
-        let policy = self
-            .binding
-            .engine
-            .remote()
-            .and_then(|r| r.eviction_policy());
-        d.set_item(
-            "evicts_tenuto_state",
-            policy.as_deref().is_some_and(|p| p.starts_with("allkeys-")),
-        )?;
-        d.set_item("maxmemory_policy", policy)?;
-        d.set_item("refused_writes", s.refused_writes)?;
-        d.set_item("hits", s.hits)?;
-        d.set_item("stale_hits", s.stale_hits)?;
-        d.set_item("misses", s.misses)?;
-        d.set_item("sets", s.sets)?;
-        d.set_item("deletes", s.deletes)?;
-        d.set_item("errors", s.decode_errors + s.backend_errors)?;
-        d.set_item("decode_errors", s.decode_errors)?;
-        d.set_item("backend_errors", s.backend_errors)?;
-        d.set_item("outages", s.outages)?;
-        d.set_item("evictions", s.evictions)?;
-        d.set_item("size", s.size)?;
-        d.set_item("coalesced", s.coalesced)?;
-        d.set_item("loads", s.loads)?;
-        d.set_item("hit_rate", rate(s.hits))?;
-        d.set_item("stale_rate", rate(s.stale_hits))?;
-        if let Some(local) = &s.local {
-            d.set_item("local_hits", local.hits)?;
-            d.set_item("local_size", local.size)?;
-            d.set_item("local_invalidated", local.invalidated)?;
-            d.set_item("local_flushes", local.flushes)?;
-            d.set_item(
-                "local_invalidation",
-                match local.by {
-                    Invalidated::Pending => "pending",
-                    Invalidated::ByServer => "server",
-                    Invalidated::ByTtlOnly => "ttl",
-                },
-            )?;
-        }
-        if let Some(store) = self.binding.engine.remote().filter(|r| r.is_cluster()) {
-            let store = Arc::clone(store);
-            let health =
-                py.detach(move || runtime::block_on(async move { store.node_health().await }));
-            let nodes = PyList::empty(py);
-            for (node, reachable) in health {
-                let n = PyDict::new(py);
-                n.set_item("address", format!("{}:{}", node.host, node.port))?;
-                n.set_item("slots", node.slots)?;
-                n.set_item("reachable", reachable)?;
-                nodes.append(n)?;
-            }
-            d.set_item("nodes", nodes)?;
-        }
-        Ok(d)
+        self.binding.stats_dict(py)
     }
 
     /// The full Redis key (namespace included) under which `key` is stored.

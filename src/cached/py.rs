@@ -698,6 +698,25 @@ impl PyCachedCall {
         value
     }
 
+    /// This function's upstream calls (loads and refreshes) for metrics: `ok`, `errors`,
+    /// and their durations as cumulative `buckets` of (upper bound in seconds, count),
+    /// `count` and `sum`.
+    fn _upstream_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let upstream = &self.policy.upstream;
+        let seconds = upstream.seconds.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("name", &self.name)?;
+        d.set_item("ok", upstream.ok.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item(
+            "errors",
+            upstream.errors.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        d.set_item("buckets", seconds.cumulative)?;
+        d.set_item("count", seconds.count)?;
+        d.set_item("sum", seconds.sum_secs)?;
+        Ok(d)
+    }
+
     /// A sync call through the cache, answered as a `Lookup` (`force`: load even when a
     /// fresh value is there).
     #[pyo3(signature = (key, args, kwargs, force = false))]

@@ -160,8 +160,9 @@ def test_on_a_cluster_copies_live_local_ttl(redis_cluster, namespace) -> None:
     ("kwargs", "message"),
     [
         ({"local": 0}, "local must be a number of entries"),
-        ({"local": 10, "local_ttl": 0}, "local_ttl must be between"),
-        ({"local": 10, "local_ttl": float("inf")}, "local_ttl must be between"),
+        ({"local": 10, "local_ttl": 0}, "local_ttl must be a positive"),
+        ({"local": 10, "local_ttl": float("inf")}, "local_ttl must be a positive"),
+        ({"local": 10, "local_ttl": "2d"}, "local_ttl must be between"),
     ],
 )
 def test_bad_local_options(redis_server, kwargs, message) -> None:

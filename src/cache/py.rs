@@ -441,6 +441,8 @@ where
 pub struct CacheBinding {
     pub(crate) engine: Arc<PyEngine>,
     url: String,
+    /// The TTL of a `set` or a bare `@cache.cached` that names none.
+    pub(crate) default_ttl: Option<f64>,
     pub(crate) serializer: Serializer,
     pub(crate) decoder: Arc<PyDecoder>,
     pub(crate) clock: PyClock,
@@ -454,6 +456,19 @@ impl CacheBinding {
     /// The Redis store to use now, or None for memory (the engine's routing).
     pub(crate) fn route(&self) -> PyResult<Option<Arc<RedisStore>>> {
         Ok(self.engine.route_remote()?)
+    }
+
+    /// `ttl` in seconds, or the cache's `default_ttl` when it is None.
+    pub(crate) fn ttl_or_default(&self, ttl: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+        match ttl {
+            Some(ttl) if !ttl.is_none() => seconds_arg("ttl", ttl),
+            _ => self.default_ttl.ok_or_else(|| {
+                PyTypeError::new_err(
+                    "ttl= is needed (seconds, a timedelta or \"5m\"), or give the cache a \
+                     default: Cache(..., default_ttl=...)",
+                )
+            }),
+        }
     }
 
     /// Counts a failed Redis call; raises unless the cache fails open.
@@ -557,10 +572,10 @@ impl CacheBinding {
         py: Python<'_>,
         key: String,
         value: &Bound<'_, PyAny>,
-        ttl: &Bound<'_, PyAny>,
+        ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write<PyObj>> {
-        let ttl = seconds_arg("ttl", ttl)?;
+        let ttl = self.ttl_or_default(ttl)?;
         let stale_ttl = match stale_ttl {
             Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
             _ => None,
@@ -597,17 +612,31 @@ pub(crate) fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64>
             "{name} must be a number of seconds, not bool"
         )));
     }
-    let seconds = value.extract::<f64>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a number of seconds, not {}",
-            value
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })?;
-    Ok(super::check_ttl(name, seconds)?)
+    if let Ok(seconds) = value.extract::<f64>() {
+        return Ok(super::check_ttl(name, seconds)?);
+    }
+    if let Ok(text) = value.cast::<PyString>() {
+        return Ok(super::parse_duration(name, text.to_str()?)?);
+    }
+    // datetime.timedelta (duck-typed: the limited C API has no timedelta type).
+    let py = value.py();
+    let timedelta = py
+        .import(intern!(py, "datetime"))?
+        .getattr(intern!(py, "timedelta"))?;
+    if value.is_instance(&timedelta)? {
+        let seconds: f64 = value
+            .call_method0(intern!(py, "total_seconds"))?
+            .extract()?;
+        return Ok(super::check_ttl(name, seconds)?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "{name} must be a number of seconds, a datetime.timedelta or a string like \"90s\" / \"15m\" / \"90d\", not {}",
+        value
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    )))
 }
 
 /// A keyed envelope cache on memory or Redis/Valkey, with fail-open fallback to memory.
@@ -682,9 +711,6 @@ impl PyCache {
         ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PlannedMany> {
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
-        })?;
         let items = mapping.call_method0("items").map_err(|_| {
             PyTypeError::new_err("set_many() takes a mapping of str keys to values")
         })?;
@@ -708,11 +734,22 @@ impl PyCache {
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write<PyObj>> {
         let key = key_str(key)?.to_owned();
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)")
-        })?;
         self.binding.plan(py, key, value, ttl, stale_ttl)
     }
+}
+
+/// The TTL (seconds) a `cached()` call names, or the cache's default.
+fn self_ttl(cache: &Bound<'_, PyCache>, ttl: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+    cache.get().binding.ttl_or_default(ttl).map_err(|err| {
+        if ttl.is_none_or(|t| t.is_none()) {
+            PyTypeError::new_err(
+                "@cache.cached needs ttl= (seconds, a timedelta or \"5m\"), or a cache with \
+                 a default: Cache(..., default_ttl=...)",
+            )
+        } else {
+            err
+        }
+    })
 }
 
 /// Every cache alive in this process, for an exporter to read at scrape time.
@@ -739,9 +776,9 @@ impl PyCache {
     #[pyo3(signature = (
         url = None, namespace = "app", max_entries = Count(10_000), jitter = 0.1, fail_open = true,
         *, serializer = "json", max_value_bytes = Count(16 * 1024 * 1024), connect_timeout = 0.25,
-        command_timeout = 1.0, clock = None, local = None, local_ttl = 5.0
+        command_timeout = 1.0, clock = None, local = None, local_ttl = None, default_ttl = None
     ),
-    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None, local=None, local_ttl=5.0)")]
+    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None, local=None, local_ttl=5.0, default_ttl=None)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -756,8 +793,17 @@ impl PyCache {
         command_timeout: f64,
         clock: Option<&Bound<'_, PyAny>>,
         local: Option<Count>,
-        local_ttl: f64,
+        local_ttl: Option<&Bound<'_, PyAny>>,
+        default_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let default_ttl = match default_ttl {
+            Some(ttl) if !ttl.is_none() => Some(seconds_arg("default_ttl", ttl)?),
+            _ => None,
+        };
+        let local_ttl = match local_ttl {
+            Some(ttl) if !ttl.is_none() => seconds_arg("local_ttl", ttl)?,
+            _ => 5.0,
+        };
         let (Count(max_entries), Count(max_value_bytes)) = (max_entries, max_value_bytes);
         let local = match local {
             None => None,
@@ -822,6 +868,7 @@ impl PyCache {
         let binding = Arc::new(CacheBinding {
             engine,
             url,
+            default_ttl,
             serializer,
             decoder: Arc::new(PyDecoder::new(serializer, None)),
             clock,
@@ -1044,13 +1091,14 @@ impl PyCache {
     /// Decorator caching a function's results in this cache, for sync and `async def`
     /// functions alike (see `tenuto.Cache.cached` in the README).
     #[pyo3(signature = (
-        ttl, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
-        *, lock_ttl = None, wait_timeout = None, breaker = None, r#type = None, isolated = false
+        ttl = None, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
+        *, lock_ttl = None, wait_timeout = None, breaker = None, r#type = None, isolated = false,
+        **others
     ))]
     #[allow(clippy::too_many_arguments)]
     fn cached<'py>(
         slf: &Bound<'py, Self>,
-        ttl: &Bound<'py, PyAny>,
+        ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
         name: Option<&Bound<'py, PyAny>>,
         key: Option<&Bound<'py, PyAny>>,
@@ -1061,8 +1109,31 @@ impl PyCache {
         breaker: Option<&Bound<'py, PyAny>>,
         r#type: Option<&Bound<'py, PyAny>>,
         isolated: bool,
+        others: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        if let Some((name, _)) = others.and_then(|o| o.iter().next()) {
+            let name = name.to_string();
+            let hint = if ["timeout", "expire", "expires", "expiry", "ttl_seconds"]
+                .contains(&name.as_str())
+            {
+                " (other caches call it that; tenuto's is ttl=, in seconds, a timedelta or \"5m\")"
+            } else {
+                ""
+            };
+            return Err(PyTypeError::new_err(format!(
+                "cached() got an unexpected keyword argument {name:?}{hint}"
+            )));
+        }
+        // A bare `@cache.cached` receives the function itself: cache it with default_ttl.
+        let bare = ttl
+            .filter(|t| t.is_callable() && seconds_arg("ttl", t).is_err())
+            .cloned();
+        let ttl = match &bare {
+            Some(_) => None,
+            None => ttl,
+        };
+        let ttl = self_ttl(slf, ttl)?;
         let kwargs = PyDict::new(py);
         kwargs.set_item("ttl", ttl)?;
         kwargs.set_item("stale_ttl", stale_ttl)?;
@@ -1075,9 +1146,14 @@ impl PyCache {
         kwargs.set_item("breaker", breaker)?;
         kwargs.set_item("type", r#type)?;
         kwargs.set_item("isolated", isolated)?;
-        py.import("tenuto._cached")?
+        let decorate = py
+            .import("tenuto._cached")?
             .getattr("decorator")?
-            .call((slf,), Some(&kwargs))
+            .call((slf,), Some(&kwargs))?;
+        match bare {
+            Some(function) => decorate.call1((function,)),
+            None => Ok(decorate),
+        }
     }
 
     /// The cache clock's time in whole epoch seconds.

@@ -522,16 +522,23 @@ impl PyIdRegistry {
     #[new]
     #[pyo3(signature = (
         cache, name = "reccobeat", source_field = "spotify_id", target_field = "reccobeat_id",
-        validated_ttl = 15_552_000.0, missing_ttl = 1_209_600.0  // 180 and 14 days
-    ))]
+        validated_ttl = None, missing_ttl = None
+    ), text_signature = "(cache, name='reccobeat', source_field='spotify_id', target_field='reccobeat_id', validated_ttl=15552000.0, missing_ttl=1209600.0)")]
     fn new(
         cache: &Bound<'_, PyCache>,
         name: &str,
         source_field: &str,
         target_field: &str,
-        validated_ttl: f64,
-        missing_ttl: f64,
+        validated_ttl: Option<&Bound<'_, PyAny>>,
+        missing_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        // Seconds, timedeltas or "180d"; the defaults are 180 and 14 days.
+        let days = |name: &str, value: Option<&Bound<'_, PyAny>>, default_days: f64| match value {
+            Some(v) if !v.is_none() => crate::cache::py::seconds_arg(name, v),
+            _ => Ok(default_days * 86_400.0),
+        };
+        let validated_ttl = days("validated_ttl", validated_ttl, 180.0)?;
+        let missing_ttl = days("missing_ttl", missing_ttl, 14.0)?;
         for (what, value) in [
             ("name", name),
             ("source_field", source_field),

@@ -335,6 +335,8 @@ class IdRegistryCore:
         target_field: str = "reccobeat_id",
         validated_ttl: _Duration = 15552000.0,
         missing_ttl: _Duration = 1209600.0,
+        *,
+        record_format: Literal["json", "pickle"] = "json",
     ) -> IdRegistryCore: ...
     @property
     def name(self) -> str: ...

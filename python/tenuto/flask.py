@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Flask, Response, abort, g, jsonify, make_response, request
+from flask import Flask, Response, abort, current_app, g, jsonify, make_response, request
 
 from tenuto._core import Cache, RequestState, _request_var, current_state
 from tenuto._inbound import InboundLimit, check_trust_proxy, client_address
@@ -34,9 +34,11 @@ def limit(
     never more than N in any sliding window. Refusals are HTTP 429 with a JSON
     `{"error": ...}` body and `Retry-After`; every response carries `RateLimit-Limit`,
     `RateLimit-Remaining` and `RateLimit-Reset`. The client is `key()` if given, else the
-    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front). With `url`
-    (Redis) the counts are shared by every worker and host, per `name` (default: the
-    view's module and name)."""
+    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front). The counts
+    are per app, not per worker: shared through Redis by every worker and host, per `name`
+    (default: the view's module and name), when `url` names a Redis or, by default, when
+    the app's `Tenuto(app, cache=...)` cache is on Redis; `url="memory://"` keeps them
+    per process."""
     check_trust_proxy(trust_proxy)
 
     def decorate(view: F) -> F:
@@ -51,7 +53,9 @@ def limit(
                 if key is not None
                 else client_address(request.remote_addr, request.headers, trust_proxy)
             )
-            ok, headers, message = inbound.decide(client)
+            extension = current_app.extensions.get("tenuto")
+            app_cache = getattr(extension, "cache", None)
+            ok, headers, message = inbound.decide(client, app_cache)
             if not ok:
                 response = jsonify(error=message)
                 response.status_code = 429
@@ -60,7 +64,7 @@ def limit(
             response.headers.update(headers)
             return response
 
-        limited.limiter = inbound.limiter  # type: ignore[attr-defined]
+        limited.inbound = inbound  # type: ignore[attr-defined]
         return limited  # type: ignore[return-value]
 
     return decorate

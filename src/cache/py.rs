@@ -919,6 +919,16 @@ impl PyCache {
         &self.binding.url
     }
 
+    /// The Redis URL with its password, for tenuto objects that share this cache's Redis
+    /// (inbound limits); None on memory. Not for display: `url` hides the password.
+    #[getter]
+    fn _connection_url(&self) -> Option<String> {
+        self.binding
+            .engine
+            .remote()
+            .map(|r| r.connection_url().to_owned())
+    }
+
     #[getter]
     fn backend(&self) -> &'static str {
         if self.binding.engine.remote().is_some() {

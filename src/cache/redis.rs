@@ -205,6 +205,12 @@ impl RedisStore {
         self.client.is_cluster()
     }
 
+    /// The URL as given, password included (for other tenuto objects sharing this Redis;
+    /// never for logs or display, which use `display_url`).
+    pub fn connection_url(&self) -> &str {
+        &self.config.url
+    }
+
     async fn connect(&self) -> Result<Conn, String> {
         let push = self.config.tracking_prefix.as_ref().map(|_| {
             let me = self.me.clone();

@@ -13,6 +13,8 @@ pub mod flight;
 pub mod key;
 pub mod limit;
 pub mod metrics;
+#[cfg(feature = "python")]
+pub mod pytext;
 pub mod registry;
 pub mod runtime;
 pub mod sync;

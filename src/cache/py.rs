@@ -896,18 +896,32 @@ impl PyCache {
         })
     }
 
-    /// Remove every entry of this cache's namespace (Redis: SCAN + UNLINK, never KEYS).
-    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+    /// Remove every entry of this cache's namespace (Redis: SCAN + UNLINK, never KEYS);
+    /// with `prefix`, only the keys starting with it (returns how many were found).
+    #[pyo3(signature = (prefix = None))]
+    fn clear(&self, py: Python<'_>, prefix: Option<&str>) -> PyResult<Option<u64>> {
         let b = &self.binding;
-        Ok(run_sync(py, b.uses_remote(), b.engine.clear())?)
+        match prefix {
+            None => Ok(run_sync(py, b.uses_remote(), b.engine.clear()).map(|()| None)?),
+            Some(prefix) => Ok(Some(run_sync(
+                py,
+                b.uses_remote(),
+                b.engine.clear_prefix(prefix),
+            )?)),
+        }
     }
 
-    fn aclear<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    #[pyo3(signature = (prefix = None))]
+    fn aclear<'py>(&self, py: Python<'py>, prefix: Option<String>) -> PyResult<Bound<'py, PyAny>> {
         let engine = Arc::clone(&self.binding.engine);
-        let work = async move { engine.clear().await };
+        let work = async move {
+            match prefix {
+                None => engine.clear().await.map(|()| None),
+                Some(prefix) => engine.clear_prefix(&prefix).await.map(Some),
+            }
+        };
         run_async(py, self.binding.uses_remote(), work, move |py, done| {
-            done?;
-            Ok(py.None())
+            Ok(done?.into_pyobject(py)?.unbind())
         })
     }
 

@@ -327,6 +327,7 @@ def decorator(
         )
         wrapper._fn = fn
         wrapper._cache = cache
+        wrapper._ttl = _seconds("ttl", ttl)  # the Prewarmer derives its interval from it
         wrapper._breaker = breaker
         functools.update_wrapper(wrapper, fn)
         return wrapper

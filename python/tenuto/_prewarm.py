@@ -60,9 +60,8 @@ def _clock_arg(clock: Any) -> Callable[[], float]:
 def _is_async(fn: Any) -> bool:
     if isinstance(fn, CachedCall):
         return bool(fn.is_async)
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)
-    )
+    # A callable object whose __call__ is `async def` is async too.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def _run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -286,7 +285,9 @@ class Prewarmer:
             try:
                 key = stable_key(_name_of(fn), [list(args), kwargs])
             except (TypeError, ValueError) as exc:
-                raise TypeError(f"args of {_name_of(fn)} must be JSON values to name the job: {exc}") from None
+                raise TypeError(
+                    f"args of {_name_of(fn)} must be JSON values to name the job: {exc}"
+                ) from None
             cache = self.cache
         name = f"prewarm:{key}"
         with self._cond:
@@ -403,9 +404,7 @@ class Prewarmer:
             if self.running:
                 return
             self._stopping = False
-            self._thread = threading.Thread(
-                target=self._work, name="tenuto-prewarm", daemon=True
-            )
+            self._thread = threading.Thread(target=self._work, name="tenuto-prewarm", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> bool:
@@ -647,9 +646,10 @@ class _Warm:
             self.keys = [fn.key(item) for item in self.items]  # type: ignore[attr-defined]
             for key, item in zip(self.keys, self.items):
                 owner._remember(fn, key, (item,))
-        self.checkpoint_key = "tenuto.warm:" + hashlib.sha256(
-            f"{_name_of(fn)}\n{_digest(self.items)}".encode()
-        ).hexdigest()
+        self.checkpoint_key = (
+            "tenuto.warm:"
+            + hashlib.sha256(f"{_name_of(fn)}\n{_digest(self.items)}".encode()).hexdigest()
+        )
         self.progress = _Progress(progress, len(self.items))
         self.done = self.skipped = self.errors = self.resumed = 0
         self.finished: set[int] = set()

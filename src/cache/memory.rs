@@ -223,6 +223,20 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
         found
     }
 
+    /// Entries whose keys start with `prefix`.
+    pub fn count_prefixed(&self, prefix: &str) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                lock(s)
+                    .slots
+                    .iter()
+                    .filter(|slot| slot.key.starts_with(prefix))
+                    .count() as u64
+            })
+            .sum()
+    }
+
     /// Removes every key starting with `prefix`; returns how many there were.
     pub fn remove_prefixed(&self, prefix: &str) -> u64 {
         let mut removed = Vec::new();
@@ -330,6 +344,7 @@ mod tests {
             store.insert(key.into(), Entry::new(1, times(100), 0));
         }
         let before = store.generation();
+        assert_eq!(store.count_prefixed("fn.a"), 3);
         assert_eq!(store.remove_prefixed("fn.a:"), 2);
         assert!(store.generation() > before);
         assert!(store.get("fn.a:1").is_none() && store.get("fn.a:2").is_none());

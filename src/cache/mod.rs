@@ -10,6 +10,7 @@ pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;
 pub mod redis;
+mod scan;
 
 /// The three integer epoch-second stamps of an envelope; bounds are inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

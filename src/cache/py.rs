@@ -911,6 +911,21 @@ impl PyCache {
         }
     }
 
+    /// Entries of this namespace whose keys start with `prefix` (Redis: SCAN, never
+    /// KEYS; while Redis is down, the memory tier's).
+    #[pyo3(signature = (prefix = ""))]
+    fn count(&self, py: Python<'_>, prefix: &str) -> PyResult<u64> {
+        let b = &self.binding;
+        if let Some(store) = b.route()? {
+            let key = b.redis_key(prefix);
+            match run_sync(py, true, store.count_prefixed(&key)) {
+                Ok(n) => return Ok(n),
+                Err(err) => b.absorb(err)?,
+            }
+        }
+        Ok(b.engine.memory.count_prefixed(prefix))
+    }
+
     #[pyo3(signature = (prefix = None))]
     fn aclear<'py>(&self, py: Python<'py>, prefix: Option<String>) -> PyResult<Bound<'py, PyAny>> {
         let engine = Arc::clone(&self.binding.engine);

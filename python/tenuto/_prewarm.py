@@ -99,7 +99,7 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks: list[Callable[[], object]] = []
         self._lock = threading.Lock()
 
     def cancel(self) -> None:
@@ -117,7 +117,7 @@ class CancelToken:
         """Blocks until cancelled (True) or until ``timeout`` passes (False)."""
         return self._event.wait(timeout)
 
-    def _on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def _on_cancel(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Calls ``callback`` once when cancelled (now, if already); returns an unhook."""
         with self._lock:
             if not self._event.is_set():
@@ -126,7 +126,7 @@ class CancelToken:
         callback()
         return lambda: None
 
-    def _forget(self, callback: Callable[[], None]) -> None:
+    def _forget(self, callback: Callable[[], object]) -> None:
         with self._lock:
             if callback in self._callbacks:
                 self._callbacks.remove(callback)
@@ -567,14 +567,14 @@ class _Progress:
         if not progress:
             return
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
             self.bar = tqdm(total=total, desc="warm", unit="item", file=sys.stderr)
             return
         except ImportError:
             pass
         try:
-            from rich.progress import Progress
+            from rich.progress import Progress  # type: ignore[import-not-found,unused-ignore]
 
             self.rich = Progress(transient=False)
             self.rich.start()
@@ -776,9 +776,10 @@ class _Warm:
             return self.report(cancelled=was_cancelled)
         finally:
             unhook()
-            for task in [*tasks, stopper]:
-                task.cancel()
-            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            everything: list[asyncio.Task[Any]] = [*tasks, stopper]
+            for each in everything:
+                each.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
             if executor is not None:
                 # Sync calls already running finish in the background; nothing new starts.
                 executor.shutdown(wait=False, cancel_futures=True)

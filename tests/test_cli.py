@@ -237,3 +237,23 @@ def test_unreachable_redis_exits_1(env) -> None:
 def test_invalidate_needs_one_target(env, redis_server) -> None:
     done = cli(env, "--url", redis_server.url, "invalidate")
     assert done.returncode == 2 and "one of the arguments" in done.stderr
+
+
+def test_readme_cli_lines_parse() -> None:
+    """Every `python -m tenuto` line in the README is accepted by the parser."""
+    import re
+    import shlex
+
+    from tenuto.__main__ import parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    lines = [
+        line
+        for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+        for line in block.splitlines()
+        if line.startswith("python -m tenuto")
+    ]
+    assert len(lines) >= 4
+    for line in lines:
+        args = parser().parse_args(shlex.split(line)[3:])
+        assert callable(args.run)

@@ -61,8 +61,11 @@ pub fn ttl_ms(seconds: f64) -> i64 {
 /// In-process leases, for memory caches and while Redis is down. A forked child starts
 /// with an empty table: the parent's leases name a process that does not run there.
 pub struct MemoryLeases {
-    table: Mutex<(u64, HashMap<String, (String, i64)>)>,
+    /// The fork epoch the table belongs to, and per key: holder, expiry (epoch ms).
+    table: Mutex<(u64, Table)>,
 }
+
+type Table = HashMap<String, (String, i64)>;
 
 impl Default for MemoryLeases {
     fn default() -> Self {
@@ -83,7 +86,7 @@ impl MemoryLeases {
         }
     }
 
-    fn with<T>(&self, now_ms: i64, f: impl FnOnce(&mut HashMap<String, (String, i64)>) -> T) -> T {
+    fn with<T>(&self, now_ms: i64, f: impl FnOnce(&mut Table) -> T) -> T {
         let mut guard = lock(&self.table);
         let epoch = runtime::fork_epoch();
         if guard.0 != epoch {

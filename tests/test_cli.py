@@ -156,25 +156,27 @@ def test_warm_killed_half_way_redoes_only_what_was_in_flight(env, redis_server, 
 def test_warm_interrupted_stops_within_a_second(env, redis_server, tmp_path) -> None:
     items = items_file(tmp_path, list(range(8, 30)))
     args = [sys.executable, "-m", "tenuto", "--url", redis_server.url, "warm", "warmmod:plain"]
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [*args, "--from", str(items)],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        while "started 11" not in proc.stderr.readline():
-            pass
-        os.kill(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        out, _ = proc.communicate(timeout=10)
-        assert time.monotonic() - sent < 1.0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            line = "start"
+            while "started 11" not in line:
+                line = proc.stderr.readline()
+                assert line, "the warm ended before reaching item 11"
+            os.kill(proc.pid, signal.SIGINT)
+            sent = time.monotonic()
+            out, _ = proc.communicate(timeout=10)
+            assert time.monotonic() - sent < 1.0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert proc.returncode == 130
     report = json.loads(out)
     assert report["cancelled"] is True and report["done"] == 2  # 8 and 9

@@ -15,6 +15,7 @@ Exit status: 0 done, 1 some items or the backend failed, 2 bad usage, 130 interr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import os
@@ -144,12 +145,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
         checkpoints = Cache(url, namespace=args.namespace or "app")
     token = CancelToken()
 
-    def interrupted(signum: int, frame: Any) -> None:
-        token.cancel()
-
-    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = Prewarmer(checkpoints).warm(
+    async def run() -> dict[str, Any]:
+        # The loop's own signal handling: a signal that lands on a worker thread still
+        # wakes the loop (its wake-up fd), so Ctrl-C stops the warm within a second.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, token.cancel)
+        return await Prewarmer(checkpoints).awarm(
             items,
             fn,
             concurrency=args.concurrency,
@@ -157,9 +159,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
             progress=args.progress,
             cancel=token,
         )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+    report = asyncio.run(run())
     print(json.dumps(report))
     if report["cancelled"]:
         return INTERRUPTED

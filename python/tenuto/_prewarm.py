@@ -92,8 +92,10 @@ def _name_of(fn: Any) -> str:
 
 
 class CancelToken:
-    """Cancels a running ``warm``: ``cancel()`` from any thread (or a signal handler);
-    the warm returns within a second, its progress checkpointed."""
+    """Cancels a running ``warm``: ``cancel()`` from any thread; the warm returns within
+    a second, its progress checkpointed. (From a signal handler, register it on the event
+    loop with ``loop.add_signal_handler``, as ``python -m tenuto warm`` does: a signal
+    that lands on a worker thread does not wake a plain Python handler.)"""
 
     __slots__ = ("_event", "_callbacks", "_lock")
 

@@ -609,3 +609,48 @@ def test_prewarm_is_not_started_at_import() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path("/")
     ).stdout
     assert "tenuto-prewarm" not in out
+
+
+def test_progress_bar_uses_tqdm_then_rich_when_installed(mem: tenuto.Cache, monkeypatch) -> None:
+    import types
+
+    events: list[tuple[str, object]] = []
+
+    class FakeTqdm:
+        def __init__(self, total: int, **kwargs: object) -> None:
+            events.append(("tqdm", total))
+
+        def update(self, n: int) -> None:
+            events.append(("update", n))
+
+        def close(self) -> None:
+            events.append(("close", None))
+
+    monkeypatch.setenv("TENUTO_PROGRESS", "1")
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
+    tenuto.Prewarmer(mem).warm(range(3), lambda i: None, concurrency=1)
+    assert events[0] == ("tqdm", 3) and events[-1] == ("close", None)
+    assert sum(n for kind, n in events if kind == "update") == 3  # type: ignore[misc]
+
+    class FakeRich:
+        def __init__(self, **kwargs: object) -> None:
+            events.append(("rich", None))
+
+        def start(self) -> None: ...
+        def add_task(self, name: str, total: int) -> int:
+            events.append(("task", total))
+            return 7
+
+        def update(self, task: int, advance: int) -> None:
+            events.append(("advance", advance))
+
+        def stop(self) -> None:
+            events.append(("stop", None))
+
+    events.clear()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # not installed: import fails
+    monkeypatch.setitem(sys.modules, "rich", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "rich.progress", types.SimpleNamespace(Progress=FakeRich))
+    tenuto.Prewarmer(mem).warm(range(4), lambda i: None, concurrency=1)
+    assert events[:2] == [("rich", None), ("task", 4)] and events[-1] == ("stop", None)
+    assert sum(n for kind, n in events if kind == "advance") == 4  # type: ignore[misc]

@@ -213,6 +213,24 @@ def test_leases_on_redis(redis_server, namespace: str, raw_redis) -> None:
         leases.acquire("job", "a", 0)
 
 
+def test_a_failed_run_shortens_the_lease_for_the_fleet(redis_server, namespace, raw_redis) -> None:
+    cache = tenuto.Cache(redis_server.url, namespace=namespace, fail_open=False)
+    first = tenuto.Prewarmer(cache, holder="first")
+    second = tenuto.Prewarmer(cache, holder="second")
+
+    def broken() -> None:
+        raise RuntimeError("upstream down")
+
+    job = first.register(broken, interval=3600)
+    second.register(broken, interval=3600)
+    assert first.run_once() == [job]
+    key = Leases(cache).lease_key(job)
+    assert raw_redis.get(key) == b"first"
+    assert 29_000 < raw_redis.pttl(key) <= 30_000  # the retry delay, not the hour
+    assert second.run_once() == []
+    assert 29 < second.snapshot()[job]["next_run"] - time.time() <= 30
+
+
 def test_leases_fall_back_to_the_process_while_redis_is_down(own_redis, namespace) -> None:
     cache = tenuto.Cache(own_redis.url, namespace=namespace)
     leases = Leases(cache)
@@ -287,6 +305,60 @@ def test_cross_process_lease_one_run_per_interval(redis_server, namespace, tmp_p
     assert all(s["lease_holder"] in holders for s in snapshots if s["lease_holder"])
 
 
+LEASE_ONCE = r"""
+import json, sys
+import tenuto
+url, ns = sys.argv[1:3]
+runs = []
+cache = tenuto.Cache(url, namespace=ns, fail_open=False)
+warmer = tenuto.Prewarmer(cache)
+job = warmer.register(lambda: runs.append(1), interval=60)
+print("ready", flush=True)
+sys.stdin.readline()
+ran = warmer.run_once()
+print(json.dumps({"ran": ran, "holder": warmer.holder, "snap": warmer.snapshot()[job]}))
+"""
+
+
+def test_three_processes_at_once_one_run(redis_server, namespace, tmp_path) -> None:
+    script = tmp_path / "lease_once.py"
+    script.write_text(LEASE_ONCE)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), redis_server.url, namespace],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        reports = [json.loads(proc.communicate(timeout=30)[0]) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    winners = [r for r in reports if r["ran"]]
+    assert len(winners) == 1  # three processes, one interval: one run
+    holder = winners[0]["holder"]
+    assert all(r["snap"]["lease_holder"] == holder for r in reports)
+    assert [r["snap"]["held_here"] for r in reports].count(True) == 1
+    for r in reports:
+        snap = r["snap"]
+        assert 55 < snap["lease_expires_in"] <= 60
+        if r["ran"]:
+            assert snap["runs"] == 1 and snap["next_run"] - snap["last_run"] == 60
+        else:  # looks again when the lease ends, not before
+            assert snap["runs"] == 0 and snap["last_run"] is None
+
+
 # -- the worker -----------------------------------------------------------------------
 
 
@@ -327,6 +399,8 @@ def test_stop_gives_up_on_a_job_in_progress_after_timeout(mem: tenuto.Cache) -> 
     assert warmer.snapshot()[job]["running"] is False
     with pytest.raises(ValueError, match="timeout"):
         warmer.stop(timeout=-1)
+    with pytest.raises(TypeError, match="timeout"):
+        warmer.stop(timeout="soon")  # type: ignore[arg-type]
 
 
 def test_worker_survives_a_failing_job(mem: tenuto.Cache) -> None:

@@ -214,7 +214,7 @@ class Prewarmer:
         self._holder = holder
         self._holder_pid = os.getpid()
         self._jobs: dict[str, _Job] = {}
-        self._leases: dict[int, Leases] = {}
+        self._leases: dict[int, tuple[Cache, Leases]] = {}
         self._known: dict[str, dict[str, tuple[Any, ...]]] = {}
         self._forget_worker()
         _live.add(self)
@@ -244,10 +244,11 @@ class Prewarmer:
     def _leases_of(self, cache: Cache | None) -> Leases | None:
         if cache is None:
             return None
-        found = self._leases.get(id(cache))
-        if found is None:
-            found = self._leases[id(cache)] = Leases(cache)
-        return found
+        entry = self._leases.get(id(cache))
+        if entry is None:
+            # The cache is kept with its leases, so its id is not reused meanwhile.
+            entry = self._leases[id(cache)] = (cache, Leases(cache))
+        return entry[1]
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -412,7 +413,8 @@ class Prewarmer:
     def stop(self, timeout: float = 2.0) -> bool:
         """Stops the worker, waiting up to ``timeout`` s for a job in progress to end;
         True when it has stopped."""
-        timeout = float(timeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if not math.isfinite(timeout) or timeout < 0:
             raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout}")
         with self._cond:

@@ -677,6 +677,22 @@ def test_refresh_expiring_soonest_first(mem: tenuto.Cache, clock: FakeClock) -> 
         warmer.refresh_expiring(ahead, within=10, limit=0)
 
 
+def test_refresh_expiring_async_functions(mem: tenuto.Cache, clock: FakeClock) -> None:
+    calls: list[int] = []
+
+    @mem.cached(ttl=600, name="aahead")
+    async def aahead(i: int) -> int:
+        calls.append(i)
+        return i
+
+    warmer = tenuto.Prewarmer(mem, clock=clock)
+    warmer.warm([1, 2], aahead, progress=False)
+    clock.advance(590)
+    assert warmer.refresh_expiring(aahead, within=20)["refreshed"] == 2
+    assert sorted(calls) == [1, 1, 2, 2]
+    assert mem.get(aahead.key(1)).envelope.fresh_until == clock.now() + 600
+
+
 def test_prewarm_is_not_started_at_import() -> None:
     code = "import threading, tenuto; print(sorted(t.name for t in threading.enumerate()))"
     out = subprocess.run(

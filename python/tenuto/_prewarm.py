@@ -499,8 +499,8 @@ class Prewarmer:
         or turn stale within ``within`` seconds, soonest first, at most ``limit``.
         Candidates are the calls this prewarmer knows for ``fn`` (registered jobs and
         warmed items), or ``candidates`` (one argument per call, as for ``warm``)."""
-        if not isinstance(fn, CachedCall) or fn.is_async:
-            raise TypeError("fn must be a sync tenuto-cached function")
+        if not isinstance(fn, CachedCall):
+            raise TypeError("fn must be a tenuto-cached function")
         window = _seconds("within", within)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
@@ -522,7 +522,7 @@ class Prewarmer:
         refreshed = errors = 0
         for _, key in chosen:
             try:
-                fn.refresh(*calls[key])  # type: ignore[attr-defined]
+                _run_sync(fn.refresh, *calls[key])  # type: ignore[attr-defined]
                 refreshed += 1
             except Exception as exc:
                 errors += 1

@@ -432,6 +432,8 @@ def test_registering_wakes_the_worker(mem: tenuto.Cache) -> None:
         assert warmer.stop()
 
 
+# Python 3.12+ warns when forking a process with threads; forking one is the point here.
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
 def test_forked_child_has_no_worker_until_it_starts_one(mem: tenuto.Cache) -> None:
     warmer = tenuto.Prewarmer(mem)
     warmer.register(lambda: None, interval=3600)

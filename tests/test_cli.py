@@ -259,3 +259,18 @@ def test_readme_cli_lines_parse() -> None:
     for line in lines:
         args = parser().parse_args(shlex.split(line)[3:])
         assert callable(args.run)
+
+
+def test_stats_and_invalidate_on_a_cluster(env, redis_cluster) -> None:
+    ns = env["WARM_NS"]
+    cache = tenuto.Cache(str(redis_cluster.url), namespace=ns, fail_open=False)
+    for i in range(30):  # keys on every primary
+        cache.set(f"song:{i}", i, ttl=60)
+    cache.set("album:1", 1, ttl=60)
+    url = ["--url", str(redis_cluster.url), "--namespace", ns]
+    stats = cli(env, *url, "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["keys"] == 31
+    gone = cli(env, *url, "invalidate", "--prefix", "song:")
+    assert gone.stdout.strip() == "invalidated 30 keys of prefix 'song:'"
+    assert cache.count() == 1 and cache.get("album:1").state == "hit"

@@ -191,8 +191,12 @@ def test_one_lease_per_job_between_prewarmers(mem: tenuto.Cache, clock: FakeCloc
 # -- Leases (the native primitive) ---------------------------------------------------
 
 
-def test_leases_on_redis(redis_server, namespace: str, raw_redis) -> None:
-    cache = tenuto.Cache(redis_server.url, namespace=namespace, fail_open=False)
+def test_leases_on_redis(shared_url: str, namespace: str) -> None:
+    """On a server and on a cluster (a lease is one key: any slot will do)."""
+    from conftest import redis_py_client
+
+    raw_redis = redis_py_client(shared_url)
+    cache = tenuto.Cache(shared_url, namespace=namespace, fail_open=False)
     leases = Leases(cache)
     assert leases.acquire("job", "a", 5) == (True, "a", 5.0)
     acquired, holder, left = leases.acquire("job", "b", 5)
@@ -211,10 +215,14 @@ def test_leases_on_redis(redis_server, namespace: str, raw_redis) -> None:
         leases.acquire("job", "", 5)
     with pytest.raises(ValueError, match="ttl"):
         leases.acquire("job", "a", 0)
+    raw_redis.close()
 
 
-def test_a_failed_run_shortens_the_lease_for_the_fleet(redis_server, namespace, raw_redis) -> None:
-    cache = tenuto.Cache(redis_server.url, namespace=namespace, fail_open=False)
+def test_a_failed_run_shortens_the_lease_for_the_fleet(shared_url, namespace) -> None:
+    from conftest import redis_py_client
+
+    raw_redis = redis_py_client(shared_url)
+    cache = tenuto.Cache(shared_url, namespace=namespace, fail_open=False)
     first = tenuto.Prewarmer(cache, holder="first")
     second = tenuto.Prewarmer(cache, holder="second")
 
@@ -229,6 +237,29 @@ def test_a_failed_run_shortens_the_lease_for_the_fleet(redis_server, namespace, 
     assert 29_000 < raw_redis.pttl(key) <= 30_000  # the retry delay, not the hour
     assert second.run_once() == []
     assert 29 < second.snapshot()[job]["next_run"] - time.time() <= 30
+    raw_redis.close()
+
+
+def test_clear_and_count_by_prefix_on_every_backend(cache: tenuto.Cache) -> None:
+    """Cache.clear(prefix=...) and count(): SCAN on every primary of a cluster."""
+    for i in range(40):  # enough keys to land on every primary of a cluster
+        cache.set(f"fn.a:{i}", i, ttl=60)
+    cache.set("fn.ab:1", 1, ttl=60)
+    cache.set("other[*]:1", 1, ttl=60)
+    assert (cache.count(), cache.count("fn.a:"), cache.count("other[*]")) == (42, 40, 1)
+    assert cache.count("other[") == 1  # glob characters are literal
+    assert cache.clear(prefix="fn.a:") == 40
+    assert cache.get("fn.a:3").state == "miss" and cache.get("fn.ab:1").state == "hit"
+    assert cache.count() == 2
+    assert cache.clear() is None and cache.count() == 0
+
+
+async def test_aclear_by_prefix(cache: tenuto.Cache) -> None:
+    await cache.aset("x:1", 1, ttl=60)
+    await cache.aset("y:1", 1, ttl=60)
+    assert await cache.aclear(prefix="x:") == 1
+    assert (await cache.aget("y:1")).state == "hit"
+    assert await cache.aclear() is None
 
 
 def test_leases_fall_back_to_the_process_while_redis_is_down(own_redis, namespace) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "_record_state",
     "_seconds",
     "_request_var",
+    "companion_key",
     "current_state",
     "stable_key",
 ]
@@ -56,6 +57,7 @@ class CircuitOpen(TenutoError):
     retry_after: float
 
 def stable_key(name: str, data: Any) -> str: ...
+def companion_key(key: str, what: str) -> str: ...
 def _seconds(name: str, value: Any) -> float: ...
 
 @final

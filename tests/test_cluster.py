@@ -56,28 +56,29 @@ def test_keys_hash_like_the_server(raw_cluster, namespace) -> None:
             assert slot_of(raw_cluster, companion_key(value, what)) == slot_of(raw_cluster, value)
 
 
-def test_bulk_registry_ops_route_by_slot(redis_cluster, namespace) -> None:
-    """1,000 IDs across slots: answers in order; every primary gets one MGET per slot it
-    owns among the keys (a cluster refuses multi-key commands across slots, even on one
-    node), sent together on its connection, and no more."""
+def test_bulk_registry_ops_batch_per_shard(redis_cluster, namespace) -> None:
+    """1,000 IDs across slots: answers in order; each primary gets one pipeline of GETs
+    for exactly the keys it serves (a cluster refuses multi-key commands across slots,
+    even on one node, so one MGET per slot would be the alternative)."""
     cache = tenuto.Cache(redis_cluster.url, namespace=namespace, fail_open=False)
     reg = tenuto.IdRegistry(cache, name="rb")
     ids = [f"sp{i}" for i in range(1000)]
     reg.bulk_mark_validated({s: f"rb{s}" for s in ids})
-    before = command_calls(redis_cluster, "mget")
+    before = command_calls(redis_cluster, "get")
+    mgets = command_calls(redis_cluster, "mget")
     got = reg.bulk_get(ids)
-    after = command_calls(redis_cluster, "mget")
+    after = command_calls(redis_cluster, "get")
     assert list(got) == ids and all(got[s] == f"rb{s}" for s in ids)
+    assert command_calls(redis_cluster, "mget") == mgets, "no per-slot MGETs"
     raw = PyCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
     try:
-        slots = {slot_of(raw, f"{namespace}:rb:validated:{s}") for s in ids}
         owners = slot_owners(raw)
+        slots = [slot_of(raw, f"{namespace}:rb:validated:{s}") for s in ids]
     finally:
         raw.close()
     for port in after:
-        owned = {s for s in slots if any(lo <= s <= hi and p == port for lo, hi, p in owners)}
-        assert after[port] - before[port] == len(owned), (port, after[port] - before[port])
-    assert sum(after.values()) - sum(before.values()) == len(slots)
+        owned = [s for s in slots if any(lo <= s <= hi and p == port for lo, hi, p in owners)]
+        assert after[port] - before[port] == len(owned) > 0, port
 
 
 def test_clear_removes_one_namespace_on_every_primary(redis_cluster, raw_cluster) -> None:
@@ -180,6 +181,9 @@ def test_a_primary_killed_under_load(namespace) -> None:
                 try:
                     assert song(i % 50) == {"id": i % 50}
                     cache.set(f"w{i % 50}", i, ttl=60)
+                    batch = {f"b{(i + j) % 50}": j for j in range(10)}
+                    cache.set_many(batch, ttl=60)
+                    assert len(cache.get_many(list(batch))) == 10
                 except BaseException as err:  # noqa: BLE001 - every error counts
                     errors.append(err)
                 i += 1
@@ -204,8 +208,7 @@ def test_a_primary_killed_under_load(namespace) -> None:
         # Back to normal: writes to keys on every primary reach the cluster.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            for i in range(30):
-                cache.set(f"after{i}", i, ttl=60)
+            cache.set_many({f"after{i}": i for i in range(30)}, ttl=60)
             if not cache.stats()["degraded"]:
                 break
             time.sleep(0.1)  # waiting for the reconnect, bounded by the deadline

@@ -96,6 +96,28 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Sends `pipe` (`count` commands) to the node at `host:port` in one round trip.
+    pub async fn pipeline_on_node(
+        &mut self,
+        host: &str,
+        port: u16,
+        pipe: Pipeline,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(&pipe, 0, count).await,
+            Conn::Cluster(conn) => {
+                let node = SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                };
+                conn.route_pipeline(pipe, 0, count, node).await
+            }
+        }
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -16,7 +16,7 @@ use redis::{ErrorKind, RedisError};
 
 use super::conn::{Client, Conn};
 use super::engine::{FlightKeys, LockReply, Remote};
-use super::topology;
+use super::topology::{self, SlotMap};
 use crate::error::{CoreError, CoreResult};
 use crate::runtime;
 
@@ -68,6 +68,8 @@ pub struct RedisStore {
     blocking: Mutex<(u64, Vec<Conn>)>,
     policy_checked: std::sync::atomic::AtomicBool,
     eviction_policy: Mutex<Option<String>>,
+    /// A cluster's slot owners, read once and forgotten at the first sign it is stale.
+    slot_map: Mutex<Option<Arc<SlotMap>>>,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
@@ -152,6 +154,7 @@ impl RedisStore {
             blocking: Mutex::new((runtime::fork_epoch(), Vec::new())),
             policy_checked: std::sync::atomic::AtomicBool::new(false),
             eviction_policy: Mutex::new(None),
+            slot_map: Mutex::new(None),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -303,6 +306,21 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        if self.is_cluster() {
+            let gets = keys.iter().map(|k| {
+                let mut get = redis::cmd("GET");
+                get.arg(k);
+                get
+            });
+            if let Some(values) = self.per_node(gets.collect(), &keys).await? {
+                return values
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| StoreError::Command(err.to_string()));
+            }
+            // A stale slot map: the cluster client splits MGET by slot itself.
+        }
         self.run(
             |mut conn| async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await },
         )
@@ -320,8 +338,20 @@ impl RedisStore {
             return Ok(());
         }
         if self.is_cluster() {
-            // A cluster takes a pipeline only within one slot: one command per key instead,
-            // sent together (each node gets its share in one batch on its connection).
+            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
+            let commands = sets.iter().map(|(key, value, seconds)| {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(value).arg("EX").arg(*seconds);
+                set
+            });
+            if let Some(_written) = self.per_node(commands.collect(), &keys).await? {
+                if !deletes.is_empty() {
+                    self.delete(deletes).await?;
+                }
+                return Ok(());
+            }
+            // A stale slot map: one command per key, sent together; the cluster client
+            // routes each.
             return self
                 .run(|conn| async move {
                     let sets = sets.into_iter().map(|(key, value, seconds)| {
@@ -377,6 +407,22 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         if self.is_cluster() {
+            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
+            let commands = sets.iter().map(|(key, value, seconds)| {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(value).arg("EX").arg(*seconds).arg("GET");
+                set
+            });
+            if let Some(replaced) = self.per_node(commands.collect(), &keys).await? {
+                if !deletes.is_empty() {
+                    self.delete(deletes).await?;
+                }
+                return replaced
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| StoreError::Command(err.to_string()));
+            }
             return self
                 .run(|conn| async move {
                     let sets = sets.into_iter().map(|(key, value, seconds)| {
@@ -529,8 +575,27 @@ impl RedisStore {
         futures_util::future::join_all(pings).await
     }
 
-    /// The cluster's primaries and how many slots each serves (`CLUSTER SLOTS`).
+    /// The cluster's primaries and how many slots each serves (`CLUSTER SLOTS`, read now).
     pub async fn primaries(&self) -> Result<Vec<ClusterNode>, StoreError> {
+        crate::sync::lock(&self.slot_map).take();
+        let map = self.slot_map().await?;
+        Ok(map
+            .nodes
+            .iter()
+            .zip(map.slot_counts())
+            .map(|((host, port), slots)| ClusterNode {
+                host: host.clone(),
+                port: *port,
+                slots,
+            })
+            .collect())
+    }
+
+    /// The slot map, read with `CLUSTER SLOTS` when there is none.
+    async fn slot_map(&self) -> Result<Arc<SlotMap>, StoreError> {
+        if let Some(map) = crate::sync::lock(&self.slot_map).clone() {
+            return Ok(map);
+        }
         let reply: redis::Value = self
             .run(|mut conn| async move {
                 redis::cmd("CLUSTER")
@@ -539,46 +604,73 @@ impl RedisStore {
                     .await
             })
             .await?;
-        let ranges: Vec<(i64, i64, Vec<redis::Value>)> = match reply {
-            redis::Value::Array(items) => items
-                .into_iter()
-                .filter_map(|item| match item {
-                    redis::Value::Array(mut parts) if parts.len() >= 3 => {
-                        let start = redis::from_redis_value::<i64>(parts[0].clone()).ok()?;
-                        let end = redis::from_redis_value::<i64>(parts[1].clone()).ok()?;
-                        match parts.swap_remove(2) {
-                            redis::Value::Array(node) => Some((start, end, node)),
-                            _ => None,
-                        }
-                    }
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let mut nodes: Vec<ClusterNode> = Vec::new();
-        for (start, end, node) in ranges {
-            let host = node
-                .first()
-                .cloned()
-                .and_then(|v| redis::from_redis_value::<String>(v).ok());
-            let port = node
-                .get(1)
-                .cloned()
-                .and_then(|v| redis::from_redis_value::<u16>(v).ok());
-            let (Some(host), Some(port)) = (host, port) else {
-                continue;
-            };
-            let slots = (end - start + 1).max(0) as u32;
-            match nodes.iter_mut().find(|n| n.host == host && n.port == port) {
-                Some(n) => n.slots += slots,
-                None => nodes.push(ClusterNode { host, port, slots }),
-            }
-        }
-        if nodes.is_empty() {
+        let map = Arc::new(SlotMap::new(slot_ranges(reply)));
+        if map.nodes.is_empty() {
             return Err(StoreError::Command("CLUSTER SLOTS named no primary".into()));
         }
-        Ok(nodes)
+        *crate::sync::lock(&self.slot_map) = Some(Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// Sends `commands` (one per key of `keys`) to the primaries serving the keys, one
+    /// pipeline per node: one round trip per shard, answers in input order. Ok(None) when
+    /// the slot map turns out stale (a key moved, a failover): the map is forgotten and the
+    /// caller routes key by key instead.
+    async fn per_node(
+        &self,
+        commands: Vec<redis::Cmd>,
+        keys: &[String],
+    ) -> Result<Option<Vec<redis::Value>>, StoreError> {
+        let map = self.slot_map().await?;
+        let Some(groups) = map.group(keys) else {
+            crate::sync::lock(&self.slot_map).take();
+            return Ok(None);
+        };
+        let mut commands: Vec<Option<redis::Cmd>> = commands.into_iter().map(Some).collect();
+        let batches = groups.into_iter().map(|(node, positions)| {
+            let mut pipe = redis::pipe();
+            for &i in &positions {
+                if let Some(cmd) = commands[i].take() {
+                    pipe.add_command(cmd);
+                }
+            }
+            let (host, port) = map.nodes[node].clone();
+            let count = positions.len();
+            async move {
+                let values =
+                    self.run(|mut conn| async move {
+                        conn.pipeline_on_node(&host, port, pipe, count).await
+                    })
+                    .await;
+                (positions, values)
+            }
+        });
+        let mut out = vec![redis::Value::Nil; keys.len()];
+        for (positions, values) in futures_util::future::join_all(batches).await {
+            let values = match values {
+                Ok(values) if values.len() == positions.len() => values,
+                Ok(_) | Err(StoreError::Command(_)) => {
+                    crate::sync::lock(&self.slot_map).take();
+                    return Ok(None);
+                }
+                Err(err) => {
+                    // A node that does not answer may have failed over: read the map again.
+                    crate::sync::lock(&self.slot_map).take();
+                    return Err(err);
+                }
+            };
+            if values
+                .iter()
+                .any(|v| matches!(v, redis::Value::ServerError(_)))
+            {
+                crate::sync::lock(&self.slot_map).take();
+                return Ok(None);
+            }
+            for (i, value) in positions.into_iter().zip(values) {
+                out[i] = value;
+            }
+        }
+        Ok(Some(out))
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
@@ -913,6 +1005,29 @@ impl Remote for RedisStore {
             Err(_) => Err(StoreError::Unavailable("BLPOP timed out".into())),
         }
     }
+}
+
+/// `(first slot, last slot, host, port)` of each range in a `CLUSTER SLOTS` reply.
+fn slot_ranges(reply: redis::Value) -> Vec<(u16, u16, String, u16)> {
+    let redis::Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let redis::Value::Array(parts) = item else {
+                return None;
+            };
+            let first = redis::from_redis_value::<u16>(parts.first()?.clone()).ok()?;
+            let last = redis::from_redis_value::<u16>(parts.get(1)?.clone()).ok()?;
+            let redis::Value::Array(node) = parts.get(2)? else {
+                return None;
+            };
+            let host = redis::from_redis_value::<String>(node.first()?.clone()).ok()?;
+            let port = redis::from_redis_value::<u16>(node.get(1)?.clone()).ok()?;
+            Some((first, last, host, port))
+        })
+        .collect()
 }
 
 /// A cluster primary (the default: "the server" of a single-server store).

@@ -123,6 +123,65 @@ pub fn companion_key(key: &str, what: &str) -> String {
     format!("{{{tag}}}|{what}|{key}")
 }
 
+/// Which primary serves each slot, as `CLUSTER SLOTS` last said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotMap {
+    /// (first slot, last slot, index into `nodes`), sorted by first slot.
+    ranges: Vec<(u16, u16, usize)>,
+    /// `(host, port)` of each primary.
+    pub nodes: Vec<(String, u16)>,
+}
+
+impl SlotMap {
+    pub fn new(ranges: impl IntoIterator<Item = (u16, u16, String, u16)>) -> Self {
+        let mut map = SlotMap::default();
+        for (first, last, host, port) in ranges {
+            let node = match map.nodes.iter().position(|n| n.0 == host && n.1 == port) {
+                Some(i) => i,
+                None => {
+                    map.nodes.push((host, port));
+                    map.nodes.len() - 1
+                }
+            };
+            map.ranges.push((first, last, node));
+        }
+        map.ranges.sort_unstable();
+        map
+    }
+
+    /// How many slots each node serves, in `nodes` order.
+    pub fn slot_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0; self.nodes.len()];
+        for &(first, last, node) in &self.ranges {
+            counts[node] += u32::from(last.saturating_sub(first)) + 1;
+        }
+        counts
+    }
+
+    fn node_of(&self, slot: u16) -> Option<usize> {
+        let i = self
+            .ranges
+            .partition_point(|r| r.0 <= slot)
+            .checked_sub(1)?;
+        let (first, last, node) = self.ranges[i];
+        (first..=last).contains(&slot).then_some(node)
+    }
+
+    /// The positions of `keys` grouped by the node serving them, or None when a slot has
+    /// no known owner (the map is stale: route key by key instead).
+    pub fn group<K: AsRef<[u8]>>(&self, keys: &[K]) -> Option<Vec<(usize, Vec<usize>)>> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let node = self.node_of(slot_of(key.as_ref()))?;
+            match groups.iter_mut().find(|g| g.0 == node) {
+                Some(group) => group.1.push(i),
+                None => groups.push((node, vec![i])),
+            }
+        }
+        Some(groups)
+    }
+}
+
 /// `{name}`, a hash tag that keeps every key of one limiter (its per-key logs and its
 /// shared pause) in one slot, so its scripts run on a cluster. A name that cannot be a tag
 /// itself (empty, or holding braces) gets a tag of its own slot in front.
@@ -178,6 +237,27 @@ mod tests {
             );
         }
         assert_eq!(tagged("up"), "{up}");
+    }
+
+    #[test]
+    fn slot_map_groups_keys_by_node() {
+        let map = SlotMap::new([
+            (0, 5460, "a".into(), 1),
+            (10923, 16383, "c".into(), 3),
+            (5461, 10922, "b".into(), 2),
+        ]);
+        assert_eq!(map.slot_counts(), [5461, 5461, 5462]);
+        let keys = ["foo", "bar", "hello", "{bar}x"]; // slots 12182, 5061, 866, 5061
+        let groups = map.group(&keys).unwrap();
+        assert_eq!(groups, [(1, vec![0]), (0, vec![1, 2, 3])]);
+        let partial = SlotMap::new([(0, 100, "a".into(), 1)]);
+        assert_eq!(
+            partial.group(&["foo"]),
+            None,
+            "an unowned slot: no grouping"
+        );
+        assert_eq!(partial.group(&["hello"]), None);
+        assert_eq!(SlotMap::default().group::<&str>(&[]), Some(vec![]));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod flight;
 pub mod key;
 pub mod lease;
 pub mod limit;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sync;
@@ -26,7 +27,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::cache::py::{seconds_py, PyCache, PyEnvelope, PyLookup};
+    use crate::cache::py::{all_cache_stats, seconds_py, PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
     use crate::cached::py::{
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,

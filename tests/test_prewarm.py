@@ -61,6 +61,8 @@ def test_interval_is_half_the_ttl_clamped(mem: tenuto.Cache, clock: FakeClock) -
     assert warmer.snapshot()[job]["interval"] == 20.0
     job = warmer.register(f, 3, interval=42)
     assert warmer.snapshot()[job]["interval"] == 42.0
+    job = warmer.register(f, 4, min_interval="1m", max_interval="2m")  # durations as written
+    assert warmer.snapshot()[job]["interval"] == 120.0  # ttl 10000: clamped to 2 minutes
 
 
 def test_register_refuses_bad_input(mem: tenuto.Cache, clock: FakeClock) -> None:
@@ -68,8 +70,10 @@ def test_register_refuses_bad_input(mem: tenuto.Cache, clock: FakeClock) -> None
     fetch, _ = counted(mem)
     with pytest.raises(ValueError, match="interval"):
         warmer.register(fetch, 1, interval=-1)
-    with pytest.raises(TypeError, match="interval"):
+    with pytest.raises(ValueError, match="interval"):
         warmer.register(fetch, 1, interval="soon")
+    with pytest.raises(TypeError, match="interval"):
+        warmer.register(fetch, 1, interval=[5])
     with pytest.raises(ValueError, match="min_interval"):
         warmer.register(fetch, 1, min_interval=100, max_interval=10)
     with pytest.raises(TypeError, match="fn must be callable"):

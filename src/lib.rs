@@ -14,6 +14,8 @@ pub mod key;
 pub mod lease;
 pub mod limit;
 pub mod metrics;
+#[cfg(feature = "python")]
+pub mod pytext;
 pub mod registry;
 pub mod runtime;
 pub mod sync;

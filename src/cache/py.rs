@@ -12,6 +12,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
+use std::borrow::Cow;
+
+use crate::pytext::str_of;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyList, PyString};
@@ -587,9 +590,9 @@ impl CacheBinding {
     }
 }
 
-fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+fn key_str<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, str>> {
     match key.cast::<PyString>() {
-        Ok(s) => Ok(s.to_str()?),
+        Ok(s) => str_of(s),
         Err(_) => Err(PyTypeError::new_err(format!(
             "cache keys must be str, not {}",
             key.get_type().name()?
@@ -616,7 +619,7 @@ pub(crate) fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64>
         return Ok(super::check_ttl(name, seconds)?);
     }
     if let Ok(text) = value.cast::<PyString>() {
-        return Ok(super::parse_duration(name, text.to_str()?)?);
+        return Ok(super::parse_duration(name, &str_of(text)?)?);
     }
     // datetime.timedelta (duck-typed: the limited C API has no timedelta type).
     let py = value.py();
@@ -671,7 +674,7 @@ fn key_list(keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         ));
     }
     keys.try_iter()?
-        .map(|k| Ok(key_str(&k?)?.to_owned()))
+        .map(|k| Ok(key_str(&k?)?.into_owned()))
         .collect()
 }
 
@@ -718,7 +721,7 @@ impl PyCache {
         let mut writes = Vec::new();
         for item in items.try_iter()? {
             let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
-            let text = key_str(&key)?.to_owned();
+            let text = key_str(&key)?.into_owned();
             writes.push(self.binding.plan(py, text, &value, ttl, stale_ttl)?);
             keys.push(key.unbind());
         }
@@ -733,7 +736,7 @@ impl PyCache {
         ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write<PyObj>> {
-        let key = key_str(key)?.to_owned();
+        let key = key_str(key)?.into_owned();
         self.binding.plan(py, key, value, ttl, stale_ttl)
     }
 }
@@ -942,12 +945,12 @@ impl PyCache {
     fn get(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyLookup> {
         let key = key_str(key)?;
         let b = &self.binding;
-        let found = run_sync(py, b.uses_remote(), b.engine.get(key, &*b.decoder, true))?;
+        let found = run_sync(py, b.uses_remote(), b.engine.get(&key, &*b.decoder, true))?;
         b.lookup(py, found)
     }
 
     fn aget<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let key = key_str(key)?.to_owned();
+        let key = key_str(key)?.into_owned();
         let b = Arc::clone(&self.binding);
         let work = {
             let b = Arc::clone(&b);
@@ -1055,7 +1058,7 @@ impl PyCache {
 
     /// Remove `key`; True if it was there.
     fn delete(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let keys = vec![key_str(key)?.to_owned()];
+        let keys = vec![key_str(key)?.into_owned()];
         let b = &self.binding;
         Ok(run_sync(py, b.uses_remote(), b.engine.delete(keys))? > 0)
     }
@@ -1065,7 +1068,7 @@ impl PyCache {
         py: Python<'py>,
         key: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let keys = vec![key_str(key)?.to_owned()];
+        let keys = vec![key_str(key)?.into_owned()];
         let engine = Arc::clone(&self.binding.engine);
         let work = async move { engine.delete(keys).await };
         run_async(py, self.binding.uses_remote(), work, move |py, removed| {
@@ -1124,7 +1127,7 @@ impl PyCache {
 
     /// The full Redis key (namespace included) under which `key` is stored.
     fn backend_key(&self, key: &Bound<'_, PyAny>) -> PyResult<String> {
-        Ok(self.binding.redis_key(key_str(key)?))
+        Ok(self.binding.redis_key(&key_str(key)?))
     }
 
     /// Decorator caching a function's results in this cache, for sync and `async def`

@@ -11,7 +11,9 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
-use pyo3::{ffi, intern};
+#[cfg(not(Py_LIMITED_API))]
+use pyo3::ffi;
+use pyo3::intern;
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
 use crate::graveyard::release_pending;
 use crate::key::key_from_json;
+use crate::pytext::str_of;
 use crate::runtime::py::Ready;
 
 type PyTicketInner = Ticket<PyObj, RedisStore>;
@@ -84,6 +87,14 @@ pub fn request_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     .map(|v| v.bind(py))
 }
 
+#[cfg(Py_LIMITED_API)]
+fn current_request(py: Python<'_>) -> PyResult<Option<Bound<'_, PyRequestState>>> {
+    // The limited API has no PyContextVar_Get: ask the ContextVar itself.
+    let value = request_var(py)?.call_method1(intern!(py, "get"), (py.None(),))?;
+    Ok(value.cast_into::<PyRequestState>().ok())
+}
+
+#[cfg(not(Py_LIMITED_API))]
 fn current_request(py: Python<'_>) -> PyResult<Option<Bound<'_, PyRequestState>>> {
     let var = request_var(py)?;
     let mut value: *mut ffi::PyObject = std::ptr::null_mut();
@@ -243,7 +254,7 @@ impl PyCachedCall {
             Keyer::Custom(f) => {
                 let chosen = f.bind(py).call(args, kwargs)?;
                 match chosen.cast::<PyString>() {
-                    Ok(s) => Ok(Identity::Key(s.to_str()?.to_owned())),
+                    Ok(s) => Ok(Identity::Key(str_of(s)?.into_owned())),
                     Err(_) => self.canonical_of(py, &chosen, "the value returned by key="),
                 }
             }
@@ -344,7 +355,7 @@ impl PyCachedCall {
         }
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs.iter() {
-                let k_str = k.cast::<PyString>()?.to_str()?;
+                let k_str = str_of(k.cast::<PyString>()?)?;
                 let Some(i) = params.iter().position(|p| p.keyword && p.name == k_str) else {
                     return Err(PyTypeError::new_err(format!(
                         "{name}() got an unexpected keyword argument {k_str:?}"

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::cache::py::{CacheBinding, PyCache};
 use crate::cache::redis::{RedisStore, StoreError};
+use crate::pytext::str_of;
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
 /// A record as read: JSON bytes from Redis, or (from memory) the ID it names.
@@ -79,13 +80,11 @@ struct Registry {
 }
 
 /// IDs must be non-empty str; checked before anything is read or written.
-fn id_of<'a>(what: &str, obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
-    let s = obj
-        .cast::<PyString>()
-        .map_err(|_| {
-            PyTypeError::new_err(format!("{what} IDs must be str, not {}", type_name(obj)))
-        })?
-        .to_str()?;
+fn id_of(what: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    let s = str_of(obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!("{what} IDs must be str, not {}", type_name(obj)))
+    })?)?
+    .into_owned();
     if s.is_empty() {
         return Err(PyValueError::new_err(format!(
             "{what} IDs must not be empty"
@@ -125,7 +124,7 @@ fn ids_of(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Ids> {
     let (mut text, mut objects) = (Vec::new(), Vec::new());
     for id in ids.try_iter()? {
         let id = id?;
-        text.push(id_of(what, &id)?.to_owned());
+        text.push(id_of(what, &id)?);
         objects.push(id.cast_into::<PyString>()?.unbind());
     }
     Ok(Ids { text, objects })
@@ -144,10 +143,7 @@ fn pairs_of(pairs: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
                 item.extract().map_err(|_| {
                     PyTypeError::new_err("pairs must be a mapping {src: dst} or (src, dst) tuples")
                 })?;
-            Ok((
-                id_of("source", &src)?.to_owned(),
-                id_of("target", &dst)?.to_owned(),
-            ))
+            Ok((id_of("source", &src)?, id_of("target", &dst)?))
         })
         .collect()
 }
@@ -603,10 +599,7 @@ impl PyIdRegistry {
         src: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let pair = vec![(
-            id_of("source", src)?.to_owned(),
-            id_of("target", dst)?.to_owned(),
-        )];
+        let pair = vec![(id_of("source", src)?, id_of("target", dst)?)];
         let writes = self.inner.validated_writes(py, &pair)?;
         self.write(py, writes)?;
         bump(&self.inner.counters.marked_validated, 1);
@@ -621,7 +614,7 @@ impl PyIdRegistry {
         src: &Bound<'_, PyAny>,
         reason: Option<&str>,
     ) -> PyResult<()> {
-        let ids = vec![id_of("source", src)?.to_owned()];
+        let ids = vec![id_of("source", src)?];
         let writes = self
             .inner
             .missing_writes(py, &ids, reason.unwrap_or("not found"))?;
@@ -633,10 +626,7 @@ impl PyIdRegistry {
     /// The target ID recorded for `src`, or None.
     fn get(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(
-            py,
-            vec![(Table::Validated, id_of("source", src)?.to_owned())],
-        )?;
+        let reads = self.read(py, vec![(Table::Validated, id_of("source", src)?)])?;
         let found = reads
             .into_iter()
             .next()
@@ -656,7 +646,7 @@ impl PyIdRegistry {
     /// The source ID recorded for target `dst`, or None.
     fn reverse(&self, py: Python<'_>, dst: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![(Table::Reverse, id_of("target", dst)?.to_owned())])?;
+        let reads = self.read(py, vec![(Table::Reverse, id_of("target", dst)?)])?;
         let found = reads
             .into_iter()
             .next()
@@ -675,7 +665,7 @@ impl PyIdRegistry {
 
     fn is_missing(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<bool> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![(Table::Missing, id_of("source", src)?.to_owned())])?;
+        let reads = self.read(py, vec![(Table::Missing, id_of("source", src)?)])?;
         let missing = reads
             .into_iter()
             .next()
@@ -695,7 +685,7 @@ impl PyIdRegistry {
     /// Forgets everything about `src`: its mapping (both directions) and missing mark.
     fn forget(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<()> {
         let reg = &self.inner;
-        let src = id_of("source", src)?.to_owned();
+        let src = id_of("source", src)?;
         let reads = self.read(py, vec![(Table::Validated, src.clone())])?;
         let dst = reads
             .into_iter()

@@ -30,6 +30,7 @@ TEST_DEPS = [
     "gunicorn",
     "uvicorn",
     "prometheus_client",
+    "opentelemetry-sdk",
 ]
 
 

@@ -345,3 +345,20 @@ class TestFamiliarDurations:
     def test_unknown_keyword(self) -> None:
         with pytest.raises(TypeError, match='unexpected keyword argument "colour"'):
             tenuto.Cache().cached(ttl=60, colour="red")
+
+
+def test_set_envelope_keeps_the_stamps_given(cache: tenuto.Cache, clock) -> None:
+    """Migrating entries another cache wrote: a stale one is planted stale, no jitter."""
+    now = int(clock())
+    envelope = cache.set_envelope(
+        "old", {"v": 1}, fetched_at=now - 600, fresh_until=now - 300, stale_until=now + 300
+    )
+    assert (envelope.fetched_at, envelope.fresh_until, envelope.stale_until) == (
+        now - 600,
+        now - 300,
+        now + 300,
+    )
+    found = cache.get("old")
+    assert found.state == "stale" and found.value == {"v": 1}
+    with pytest.raises(ValueError, match="in order"):
+        cache.set_envelope("bad", 1, fetched_at=now, fresh_until=now - 1, stale_until=now)

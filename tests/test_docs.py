@@ -42,6 +42,19 @@ def test_readme_examples_run(redis_server, redis_cluster, monkeypatch: pytest.Mo
     namespace["test_trending_expires"](tenuto.Cache(jitter=0.0, clock=clock), clock)  # type: ignore[operator]
 
 
+@pytest.mark.parametrize(
+    "doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")) if (ROOT / "docs").exists() else []
+)
+def test_docs_examples_run(doc: str, redis_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every python block of docs/*.md runs on its own (a fresh namespace per block)."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks, f"{doc} has no python example"
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{doc}[{i}]", "exec"), {"__name__": f"doc{i}"})
+
+
 def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out

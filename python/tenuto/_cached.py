@@ -26,6 +26,7 @@ from typing import Any
 
 from tenuto import _live
 from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state, _seconds
+from tenuto._tracing import traced_load
 
 log = logging.getLogger("tenuto.cached")
 
@@ -302,11 +303,13 @@ def decorator(
         if key is None and any(p.kind in _KIND_VARIADIC for p in signature.parameters.values()):
             bind = functools.partial(_bind_arguments, signature)
         cls = AsyncCachedFunction if is_async else CachedFunction
+        # What a load calls: the function, in a span when OpenTelemetry is installed.
+        loader = traced_load(fn, key_name, cache.backend)
         wrapper = cls(
             cache,
             key_name,
             params,
-            fn,
+            loader,
             ttl,
             stale_ttl=stale_ttl,
             key=key,
@@ -319,7 +322,7 @@ def decorator(
             adapter=_adapter(fn, type),
             isolated=isolated,
         )
-        wrapper._fn = fn
+        wrapper._fn = loader
         wrapper._cache = cache
         wrapper._ttl = _seconds("ttl", ttl)  # the Prewarmer derives its interval from it
         wrapper._breaker = breaker

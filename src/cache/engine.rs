@@ -733,6 +733,24 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         self.plan_stamped(Arc::from(key), prepared, times, 0, times.keep_for(now))
     }
 
+    /// A write with stamps given (migrating entries another cache wrote): no jitter, and
+    /// the stamps must be in order.
+    pub fn plan_envelope(
+        &self,
+        key: String,
+        prepared: Prepared<V>,
+        times: Times,
+    ) -> CoreResult<Write<V>> {
+        if !(times.fetched_at <= times.fresh_until && times.fresh_until <= times.stale_until) {
+            return Err(CoreError::invalid(format!(
+                "envelope stamps must be in order: fetched_at ({}) <= fresh_until ({}) <= stale_until ({})",
+                times.fetched_at, times.fresh_until, times.stale_until
+            )));
+        }
+        let keep_for = times.keep_for(self.now());
+        self.plan_stamped(Arc::from(key), prepared, times, 0, keep_for)
+    }
+
     fn plan_stamped(
         &self,
         key: Arc<str>,

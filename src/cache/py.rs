@@ -963,6 +963,32 @@ impl PyCache {
 
     /// Store `value` under `key`, fresh for `ttl` seconds and servable as stale until
     /// `stale_ttl` seconds (default: no stale window). Returns the stored `Envelope`.
+    /// Store `value` under `key` with the envelope stamps given (epoch seconds), e.g. to
+    /// move entries another cache wrote while keeping their freshness. No jitter.
+    #[pyo3(signature = (key, value, *, fetched_at, fresh_until, stale_until))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_envelope(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        fetched_at: i64,
+        fresh_until: i64,
+        stale_until: i64,
+    ) -> PyResult<Py<PyEnvelope>> {
+        let key = key_str(key)?.into_owned();
+        let b = &self.binding;
+        let prepared = b.decoder.prepare(value)?;
+        let times = Times {
+            fetched_at,
+            fresh_until,
+            stale_until,
+        };
+        let write = b.engine.plan_envelope(key, prepared, times)?;
+        let entries = run_sync(py, b.uses_remote(), b.engine.commit(vec![write]))?;
+        PyEnvelope::of(py, &entries[0])
+    }
+
     #[pyo3(signature = (key, value, ttl = None, stale_ttl = None))]
     fn set(
         &self,

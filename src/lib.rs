@@ -11,6 +11,7 @@ pub mod defaults;
 pub mod error;
 pub mod flight;
 pub mod key;
+pub mod lease;
 pub mod limit;
 pub mod metrics;
 #[cfg(feature = "python")]
@@ -43,6 +44,8 @@ mod _core {
     use crate::flight::py::{PyFlight, PyFlightGroup};
     #[pymodule_export]
     use crate::key::py::{companion_key, stable_key};
+    #[pymodule_export]
+    use crate::lease::py::PyLeases;
     #[pymodule_export]
     use crate::limit::py::{CircuitOpen, PyCircuitBreaker, PyRateLimiter, RateLimited};
     #[pymodule_export]

@@ -69,3 +69,19 @@ def registry(cache: tenuto.Cache) -> dict[str, str]:
     record: dict[str, object] = defaults.complete({"tempo": 120.0}, None)
     print(to_check, known_missing, record, defaults.summary())
     return reg.bulk_get(["s1"])
+
+
+def prewarm(cache: tenuto.Cache) -> dict[str, object]:
+    @cache.cached(ttl=600)
+    def trending(country: str) -> list[str]:
+        return [country]
+
+    warmer = tenuto.Prewarmer(cache)
+    job: str = warmer.register(trending, "US", min_interval=60)
+    ran: list[str] = warmer.run_once()
+    token = tenuto.CancelToken()
+    report: dict[str, object] = warmer.warm(["FR", "DE"], trending, concurrency=2, cancel=token)
+    stopped: bool = warmer.stop(timeout=1.0)
+    removed: int = cache.clear(prefix="trending")
+    print(job, ran, warmer.snapshot()[job]["last_run"], stopped, removed, cache.count())
+    return report

@@ -18,6 +18,7 @@ from tenuto._core import (
 )
 from tenuto._defaults import AUDIO_FEATURE_DEFAULTS, AUDIO_FEATURE_RANGES, Defaults, Range
 from tenuto._limits import CircuitBreaker, CircuitOpen, RateLimited, RateLimiter
+from tenuto._prewarm import CancelToken, Prewarmer
 from tenuto._registry import IdRegistry, ResolveError
 from tenuto._request import RequestState, current_state, request_scope
 from tenuto._singleflight import SingleFlight
@@ -29,12 +30,14 @@ __all__ = [
     "BackendUnavailable",
     "Backoff",
     "Cache",
+    "CancelToken",
     "CircuitBreaker",
     "CircuitOpen",
     "Defaults",
     "Envelope",
     "IdRegistry",
     "Lookup",
+    "Prewarmer",
     "Range",
     "RateLimited",
     "RateLimiter",

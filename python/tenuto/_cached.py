@@ -324,6 +324,7 @@ def decorator(
         )
         wrapper._fn = loader
         wrapper._cache = cache
+        wrapper._ttl = _seconds("ttl", ttl)  # the Prewarmer derives its interval from it
         wrapper._breaker = breaker
         functools.update_wrapper(wrapper, fn)
         _live.functions.add(wrapper)

@@ -847,6 +847,20 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         Ok(())
     }
 
+    /// Deletes the entries whose keys start with `prefix` (memory and remote; SCAN +
+    /// UNLINK on Redis); returns how many were found.
+    pub async fn clear_prefix(&self, prefix: &str) -> CoreResult<u64> {
+        let mut removed = self.memory.remove_prefixed(prefix);
+        lock(&self.refused).retain(|key| !key.starts_with(prefix));
+        if let Route::Remote(remote) = self.route()? {
+            match remote.delete_prefixed(self.remote_key(prefix)).await {
+                Ok(n) => removed = removed.max(n),
+                Err(err) => self.absorb(err)?,
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
         let size = self.memory.len();

@@ -238,6 +238,43 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
         found
     }
 
+    /// Entries whose keys start with `prefix`.
+    pub fn count_prefixed(&self, prefix: &str) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                lock(s)
+                    .slots
+                    .iter()
+                    .filter(|slot| slot.key.starts_with(prefix))
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    /// Removes every key starting with `prefix`; returns how many there were.
+    pub fn remove_prefixed(&self, prefix: &str) -> u64 {
+        let mut removed = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let mut i = 0;
+            while i < shard.slots.len() {
+                if shard.slots[i].key.starts_with(prefix) {
+                    removed.push(shard.remove_at(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        // Values are dropped outside the shard locks (dropping one may run Python).
+        let count = removed.len() as u64;
+        drop(removed);
+        if count > 0 {
+            self.changed();
+        }
+        count
+    }
+
     pub fn clear(&self) {
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
@@ -313,6 +350,22 @@ mod tests {
         assert!(moved(&store));
         store.clear();
         assert!(moved(&store), "clear");
+    }
+
+    #[test]
+    fn remove_prefixed_removes_only_that_prefix() {
+        let store = MemoryStore::new(1000);
+        for key in ["fn.a:1", "fn.a:2", "fn.ab:3", "other:1"] {
+            store.insert(key.into(), Entry::new(1, times(100), 0));
+        }
+        let before = store.generation();
+        assert_eq!(store.count_prefixed("fn.a"), 3);
+        assert_eq!(store.remove_prefixed("fn.a:"), 2);
+        assert!(store.generation() > before);
+        assert!(store.get("fn.a:1").is_none() && store.get("fn.a:2").is_none());
+        assert!(store.get("fn.ab:3").is_some() && store.get("other:1").is_some());
+        assert_eq!(store.remove_prefixed("none:"), 0);
+        assert_eq!(store.len(), 2);
     }
 
     #[test]

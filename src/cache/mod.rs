@@ -12,6 +12,7 @@ pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;
 pub mod redis;
+mod scan;
 pub mod topology;
 
 /// The three integer epoch-second stamps of an envelope; bounds are inclusive.

@@ -1102,18 +1102,47 @@ impl PyCache {
         })
     }
 
-    /// Remove every entry of this cache's namespace (Redis: SCAN + UNLINK, never KEYS).
-    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+    /// Remove every entry of this cache's namespace (Redis: SCAN + UNLINK, never KEYS);
+    /// with `prefix`, only the keys starting with it (returns how many were found).
+    #[pyo3(signature = (prefix = None))]
+    fn clear(&self, py: Python<'_>, prefix: Option<&str>) -> PyResult<Option<u64>> {
         let b = &self.binding;
-        Ok(run_sync(py, b.uses_remote(), b.engine.clear())?)
+        match prefix {
+            None => Ok(run_sync(py, b.uses_remote(), b.engine.clear()).map(|()| None)?),
+            Some(prefix) => Ok(Some(run_sync(
+                py,
+                b.uses_remote(),
+                b.engine.clear_prefix(prefix),
+            )?)),
+        }
     }
 
-    fn aclear<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// Entries of this namespace whose keys start with `prefix` (Redis: SCAN, never
+    /// KEYS; while Redis is down, the memory tier's).
+    #[pyo3(signature = (prefix = ""))]
+    fn count(&self, py: Python<'_>, prefix: &str) -> PyResult<u64> {
+        let b = &self.binding;
+        if let Some(store) = b.route()? {
+            let key = b.redis_key(prefix);
+            match run_sync(py, true, store.count_prefixed(&key)) {
+                Ok(n) => return Ok(n),
+                Err(err) => b.absorb(err)?,
+            }
+        }
+        Ok(b.engine.memory.count_prefixed(prefix))
+    }
+
+    #[pyo3(signature = (prefix = None))]
+    fn aclear<'py>(&self, py: Python<'py>, prefix: Option<String>) -> PyResult<Bound<'py, PyAny>> {
         let engine = Arc::clone(&self.binding.engine);
-        let work = async move { engine.clear().await };
+        let work = async move {
+            match prefix {
+                None => engine.clear().await.map(|()| None),
+                Some(prefix) => engine.clear_prefix(&prefix).await.map(Some),
+            }
+        };
         run_async(py, self.binding.uses_remote(), work, move |py, done| {
-            done?;
-            Ok(py.None())
+            Ok(done?.into_pyobject(py)?.unbind())
         })
     }
 

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod cached;
+pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod defaults;

@@ -32,6 +32,8 @@ mod _core {
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,
     };
     #[pymodule_export]
+    use crate::client::py::{InvalidJSON, PyClient, PyResponse, UpstreamError, UpstreamTimeout};
+    #[pymodule_export]
     use crate::clock::py::PyFakeClock;
     #[pymodule_export]
     use crate::defaults::py::PyDefaults;

@@ -40,6 +40,11 @@ pub fn header(name: &str, value: &str) -> CoreResult<(HeaderName, HeaderValue)> 
 }
 
 impl Http {
+    /// The headers sent with every request.
+    pub fn default_headers(&self) -> &HeaderMap {
+        &self.config.headers
+    }
+
     pub fn new(config: HttpConfig) -> CoreResult<Self> {
         let http = Self {
             config,

@@ -35,7 +35,11 @@ pub fn seconds_arg(name: &str, seconds: f64, allow_zero: bool) -> CoreResult<i64
         && seconds <= MAX_SECONDS
         && (seconds > 0.0 || (allow_zero && seconds == 0.0));
     if !ok {
-        let bound = if allow_zero { "non-negative" } else { "positive" };
+        let bound = if allow_zero {
+            "non-negative"
+        } else {
+            "positive"
+        };
         return Err(CoreError::invalid(format!(
             "{name} must be a {bound} number of seconds up to {MAX_SECONDS:e}, got {seconds}"
         )));
@@ -84,7 +88,10 @@ pub enum SendError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientError {
     /// Could not reach the upstream (after retries): `UpstreamError` with no status.
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        url: String,
+        reason: String,
+    },
     /// The upstream answered with an error status: `UpstreamError`.
     Status {
         status: u16,
@@ -92,7 +99,10 @@ pub enum ClientError {
         excerpt: String,
     },
     /// Every attempt timed out: `UpstreamTimeout`.
-    Timeout { url: String, after: Duration },
+    Timeout {
+        url: String,
+        after: Duration,
+    },
     /// The body is not JSON: `InvalidJSON`.
     InvalidJson {
         status: u16,
@@ -107,7 +117,10 @@ pub enum ClientError {
         why: String,
     },
     /// The breaker refused the call.
-    CircuitOpen { url: String, retry_after_ns: i64 },
+    CircuitOpen {
+        url: String,
+        retry_after_ns: i64,
+    },
     Invalid(CoreError),
 }
 
@@ -135,7 +148,11 @@ impl std::fmt::Display for ClientError {
                 Ok(())
             }
             ClientError::Timeout { url, after } => {
-                write!(f, "{url} did not answer within {:.3} s", after.as_secs_f64())
+                write!(
+                    f,
+                    "{url} did not answer within {:.3} s",
+                    after.as_secs_f64()
+                )
             }
             ClientError::InvalidJson {
                 status,
@@ -192,11 +209,15 @@ pub enum Verdict {
 /// What to do after a retryable outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    Retry { wait_ns: i64 },
+    Retry {
+        wait_ns: i64,
+    },
     /// No retry left (count, budget or deadline): the last outcome is the answer.
     GiveUp,
     /// The upstream asked for a wait longer than this call may make.
-    TooLong { retry_after_ns: i64 },
+    TooLong {
+        retry_after_ns: i64,
+    },
 }
 
 impl Policy {
@@ -418,8 +439,9 @@ impl Redactor {
     }
 
     /// The secret values a request carries (secret header values, secret query values,
-    /// user info), to scrub from anything the upstream echoes back.
-    pub fn secrets(&self, request: &Request) -> Vec<String> {
+    /// user info), to scrub from anything the upstream echoes back. `defaults`: the
+    /// client's own headers, sent with every request.
+    pub fn secrets(&self, request: &Request, defaults: &reqwest::header::HeaderMap) -> Vec<String> {
         let mut found: Vec<String> = request
             .url
             .query_pairs()
@@ -427,13 +449,15 @@ impl Redactor {
             .map(|(_, v)| v.into_owned())
             .collect();
         found.extend(request.url.password().map(str::to_owned));
-        for name in SECRET_HEADERS {
-            for value in request.headers.get_all(name) {
-                if let Ok(text) = value.to_str() {
-                    found.push(text.to_owned());
-                    // "Bearer abc": the token alone may be echoed too.
-                    if let Some((_, token)) = text.split_once(' ') {
-                        found.push(token.trim().to_owned());
+        for headers in [&request.headers, defaults] {
+            for name in SECRET_HEADERS {
+                for value in headers.get_all(name) {
+                    if let Ok(text) = value.to_str() {
+                        found.push(text.to_owned());
+                        // "Bearer abc": the token alone may be echoed too.
+                        if let Some((_, token)) = text.split_once(' ') {
+                            found.push(token.trim().to_owned());
+                        }
                     }
                 }
             }
@@ -695,10 +719,9 @@ pub async fn call<U: Upstream>(
                                 url: url(),
                                 after: request.timeout.unwrap_or(shared.timeout),
                             },
-                            SendError::Connect(reason) => ClientError::Unreachable {
-                                url: url(),
-                                reason,
-                            },
+                            SendError::Connect(reason) => {
+                                ClientError::Unreachable { url: url(), reason }
+                            }
                         })
                     }
                 };

@@ -15,8 +15,8 @@ use reqwest::header::{HeaderMap, IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use super::http::{header, Http, HttpConfig};
 use super::{
-    call, seconds_arg, status_error, BoxFuture, ClientError, ClientStats, Policy, Redactor,
-    Reply, Request, RetryBudget, SendError, Shared, Upstream, EXCERPT_CHARS, NANOS,
+    call, seconds_arg, status_error, BoxFuture, ClientError, ClientStats, Policy, Redactor, Reply,
+    Request, RetryBudget, SendError, Shared, Upstream, EXCERPT_CHARS, NANOS,
 };
 use crate::clock::py::PyFakeClock;
 use crate::clock::{Clock, ManualClock, SystemClock};
@@ -147,7 +147,7 @@ impl Drop for Slot {
 }
 
 /// `Inner` as the upstream of one call (a slot needs to own a reference to it).
-struct Bound_(Arc<Inner>);
+struct ClientUpstream(Arc<Inner>);
 
 impl Inner {
     fn now(&self) -> i64 {
@@ -158,7 +158,7 @@ impl Inner {
     }
 }
 
-impl Upstream for Bound_ {
+impl Upstream for ClientUpstream {
     fn now(&self) -> i64 {
         self.0.now()
     }
@@ -166,7 +166,7 @@ impl Upstream for Bound_ {
     fn sleep(&self, nanos: i64) -> BoxFuture<'_, ()> {
         match &self.0.clock {
             ClientClock::System => Box::pin(tokio::time::sleep(Duration::from_nanos(
-                nanos.max(0) as u64,
+                nanos.max(0) as u64
             ))),
             ClientClock::Manual(clock) => {
                 clock.advance_nanos(nanos.max(0));
@@ -237,12 +237,19 @@ enum Want {
 }
 
 /// A query value as text (lists and tuples repeat the parameter; None leaves it out).
-fn query_values(name: &str, value: &Bound<'_, PyAny>, out: &mut Vec<(String, String)>) -> PyResult<()> {
+fn query_values(
+    name: &str,
+    value: &Bound<'_, PyAny>,
+    out: &mut Vec<(String, String)>,
+) -> PyResult<()> {
     if value.is_none() {
         return Ok(());
     }
     if let Ok(b) = value.cast::<pyo3::types::PyBool>() {
-        out.push((name.to_owned(), if b.is_true() { "true" } else { "false" }.into()));
+        out.push((
+            name.to_owned(),
+            if b.is_true() { "true" } else { "false" }.into(),
+        ));
         return Ok(());
     }
     if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
@@ -300,28 +307,21 @@ fn header_map(headers: Option<&Bound<'_, PyAny>>) -> PyResult<HeaderMap> {
     let dict = headers.cast::<PyDict>().map_err(|_| {
         PyTypeError::new_err(format!(
             "headers must be a dict of str to str, not {}",
-            headers.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            headers
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })?;
     for (name, value) in dict.iter() {
-        let (name, value): (String, String) = (name.extract(), value.extract())
-            .pipe_ok()
-            .map_err(|_| PyTypeError::new_err("headers must be a dict of str to str"))?;
+        let not_str = |_| PyTypeError::new_err("headers must be a dict of str to str");
+        let name: String = name.extract().map_err(not_str)?;
+        let value: String = value.extract().map_err(not_str)?;
         let (name, value) = header(&name, &value)?;
         map.append(name, value);
     }
     Ok(map)
-}
-
-/// A pair of extraction results as one.
-trait PipeOk<A, B> {
-    fn pipe_ok(self) -> PyResult<(A, B)>;
-}
-
-impl<A, B> PipeOk<A, B> for (PyResult<A>, PyResult<B>) {
-    fn pipe_ok(self) -> PyResult<(A, B)> {
-        Ok((self.0?, self.1?))
-    }
 }
 
 fn optional_seconds(name: &str, seconds: Option<f64>) -> PyResult<Option<i64>> {
@@ -438,8 +438,10 @@ impl PyClient {
         timeout: Option<f64>,
         deadline: Option<f64>,
     ) -> PyResult<Prepared> {
-        let method = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| PyValueError::new_err(format!("method: {method:?} is not an HTTP method")))?;
+        let method =
+            reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                PyValueError::new_err(format!("method: {method:?} is not an HTTP method"))
+            })?;
         let joined = if path.starts_with("http://") || path.starts_with("https://") {
             path.to_owned()
         } else if path.is_empty() {
@@ -464,19 +466,18 @@ impl PyClient {
                 return Err(PyValueError::new_err("pass json or content, not both"));
             }
             (Some(value), None) => {
-                headers
-                    .entry(reqwest::header::CONTENT_TYPE)
-                    .or_insert(reqwest::header::HeaderValue::from_static("application/json"));
+                headers.entry(reqwest::header::CONTENT_TYPE).or_insert(
+                    reqwest::header::HeaderValue::from_static("application/json"),
+                );
                 Some(to_json(value, PAYLOAD)?.into_bytes())
             }
             (None, Some(bytes)) => Some(bytes.to_vec()),
             (None, None) => None,
         };
         let timeout = optional_seconds("timeout", timeout)?.map(|n| Duration::from_nanos(n as u64));
-        let deadline_ns = match optional_seconds("deadline", deadline)?.or(self.inner.deadline_ns) {
-            Some(ns) => Some(self.inner.now().saturating_add(ns)),
-            None => None,
-        };
+        let deadline_ns = optional_seconds("deadline", deadline)?
+            .or(self.inner.deadline_ns)
+            .map(|ns| self.inner.now().saturating_add(ns));
         Ok(Prepared {
             request: Request {
                 method,
@@ -490,7 +491,7 @@ impl PyClient {
     }
 
     fn run_sync(&self, py: Python<'_>, prepared: &Prepared) -> Result<Reply, ClientError> {
-        let upstream = Bound_(Arc::clone(&self.inner));
+        let upstream = ClientUpstream(Arc::clone(&self.inner));
         py.detach(|| {
             crate::runtime::block_on(call(
                 &upstream,
@@ -509,7 +510,7 @@ impl PyClient {
     ) -> PyResult<Bound<'py, PyAny>> {
         let inner = Arc::clone(&self.inner);
         let work = async move {
-            let upstream = Bound_(inner);
+            let upstream = ClientUpstream(inner);
             let result = call(
                 &upstream,
                 &upstream.0.shared,
@@ -558,7 +559,10 @@ fn convert(
         }
     }
     if reply.status >= 300 {
-        let secrets = inner.shared.redactor.secrets(request);
+        let secrets = inner
+            .shared
+            .redactor
+            .secrets(request, inner.http.default_headers());
         let err = status_error(&reply, url(), now, &secrets).unwrap_or(ClientError::Status {
             status: reply.status,
             url: url(),
@@ -567,7 +571,10 @@ fn convert(
         return Err(to_py_err(py, err));
     }
     let value = parse_json(py, reply.status, &url(), &reply.body, &|| {
-        inner.shared.redactor.secrets(request)
+        inner
+            .shared
+            .redactor
+            .secrets(request, inner.http.default_headers())
     })?;
     match want {
         Want::Json => Ok(value.unbind()),
@@ -725,7 +732,14 @@ impl PyClient {
         deadline: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
         let prepared = self.prepare(
-            method, path, params, headers, json, content.as_deref(), timeout, deadline,
+            method,
+            path,
+            params,
+            headers,
+            json,
+            content.as_deref(),
+            timeout,
+            deadline,
         )?;
         let result = self.run_sync(py, &prepared);
         convert(py, &self.inner, &prepared.request, result, Want::Response)
@@ -747,7 +761,14 @@ impl PyClient {
         deadline: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let prepared = self.prepare(
-            method, path, params, headers, json, content.as_deref(), timeout, deadline,
+            method,
+            path,
+            params,
+            headers,
+            json,
+            content.as_deref(),
+            timeout,
+            deadline,
         )?;
         self.run_async(py, prepared, Want::Response)
     }
@@ -766,7 +787,8 @@ impl PyClient {
         timeout: Option<f64>,
         deadline: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let prepared = self.prepare(method, path, params, headers, json, None, timeout, deadline)?;
+        let prepared =
+            self.prepare(method, path, params, headers, json, None, timeout, deadline)?;
         let result = self.run_sync(py, &prepared);
         convert(py, &self.inner, &prepared.request, result, Want::Json)
     }
@@ -785,7 +807,8 @@ impl PyClient {
         timeout: Option<f64>,
         deadline: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let prepared = self.prepare(method, path, params, headers, json, None, timeout, deadline)?;
+        let prepared =
+            self.prepare(method, path, params, headers, json, None, timeout, deadline)?;
         self.run_async(py, prepared, Want::Json)
     }
 

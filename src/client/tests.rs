@@ -82,13 +82,20 @@ impl Upstream for Scripted {
     fn feedback(&self, status: u16, retry_after_ns: Option<i64>) -> BoxFuture<'_, ()> {
         lock(&self.feedback).push((status, retry_after_ns));
         if let Some(after) = retry_after_ns {
-            self.paused_until.store(self.now() + after, Ordering::SeqCst);
+            self.paused_until
+                .store(self.now() + after, Ordering::SeqCst);
         }
         Box::pin(async {})
     }
     fn permit(&self) -> BoxFuture<'_, Result<bool, i64>> {
         let open = self.breaker_open_for.load(Ordering::SeqCst);
-        Box::pin(async move { if open > 0 { Err(open) } else { Ok(false) } })
+        Box::pin(async move {
+            if open > 0 {
+                Err(open)
+            } else {
+                Ok(false)
+            }
+        })
     }
     fn report(&self, _probe: bool, healthy: bool) -> BoxFuture<'_, ()> {
         lock(&self.reports).push(healthy);
@@ -194,7 +201,10 @@ fn retry_after_seconds_is_waited_and_fed_to_the_limiter() {
     assert_eq!(got.status, 200);
     assert_eq!(lock(&up.feedback)[0], (429, Some(7 * NANOS)));
     let sent = lock(&up.sent_at).clone();
-    assert!(sent[1] - sent[0] >= 7 * NANOS, "second attempt after the pause");
+    assert!(
+        sent[1] - sent[0] >= 7 * NANOS,
+        "second attempt after the pause"
+    );
 }
 
 #[test]
@@ -218,7 +228,13 @@ fn retry_after_longer_than_allowed_or_than_the_deadline_raises_at_once() {
 fn a_paused_limiter_past_the_deadline_raises_rate_limited() {
     let up = Scripted::new(vec![]);
     up.paused_until.store(T0 + 30 * NANOS, Ordering::SeqCst);
-    let err = run(call(&up, &shared(3), &request("http://h/x"), Some(T0 + NANOS))).unwrap_err();
+    let err = run(call(
+        &up,
+        &shared(3),
+        &request("http://h/x"),
+        Some(T0 + NANOS),
+    ))
+    .unwrap_err();
     assert!(matches!(err, ClientError::RateLimited { .. }));
     assert_eq!(up.sent.load(Ordering::SeqCst), 0);
     // Without a deadline the call waits for the pause, then goes.
@@ -254,7 +270,11 @@ fn the_retry_budget_caps_retries_at_a_fifth_of_calls_plus_a_reserve() {
     // All 100 calls within one window (backoffs are under a second each).
     let allowed = 100 / 5 + RetryBudget::RESERVE;
     assert!(s.retries <= allowed, "{} retries", s.retries);
-    assert!(s.retries >= allowed - 3, "the budget is used: {}", s.retries);
+    assert!(
+        s.retries >= allowed - 3,
+        "the budget is used: {}",
+        s.retries
+    );
     assert!(s.retry_budget_exhausted > 0);
     assert_eq!(s.requests, 100 + s.retries);
 }
@@ -272,7 +292,10 @@ fn the_budget_window_slides() {
     assert!(budget.try_spend(T0), "10 calls earn 2 retries");
     assert!(budget.try_spend(T0));
     assert!(!budget.try_spend(T0));
-    assert!(budget.try_spend(T0 + RetryBudget::WINDOW_NS + NANOS), "a new window");
+    assert!(
+        budget.try_spend(T0 + RetryBudget::WINDOW_NS + NANOS),
+        "a new window"
+    );
     assert!(RetryBudget::new(-0.1).is_err());
     assert!(RetryBudget::new(f64::NAN).is_err());
 }
@@ -347,14 +370,17 @@ fn urls_and_excerpts_never_show_credentials() {
     let mut req = request(url.as_str());
     let (name, value) = http::header("Authorization", "Bearer TOKEN-XYZ").unwrap();
     req.headers.insert(name, value);
-    let secrets = r.secrets(&req);
+    let secrets = r.secrets(&req, &Default::default());
     let excerpt = Redactor::excerpt(
         b"bad token TOKEN-XYZ for key SEKRIT1\n and SEKRIT3",
         200,
         &secrets,
     );
     assert_eq!(excerpt, "bad token *** for key *** and ***");
-    assert_eq!(Redactor::excerpt("é".repeat(300).as_bytes(), 5, &[]), "ééééé…");
+    assert_eq!(
+        Redactor::excerpt("é".repeat(300).as_bytes(), 5, &[]),
+        "ééééé…"
+    );
 }
 
 #[test]

@@ -647,7 +647,9 @@ impl PyRateLimiter {
         status: u16,
         retry_after_ns: Option<i64>,
     ) -> crate::client::BoxFuture<'static, ()> {
-        let pause = self.core.feedback(self.now_native(), status, retry_after_ns);
+        let pause = self
+            .core
+            .feedback(self.now_native(), status, retry_after_ns);
         match pause.zip(reachable(&self.shared)) {
             Some((ms, redis)) => {
                 let key = self.core.pause_key();

@@ -57,6 +57,11 @@ PEERS = [
     "pyrate-limiter",
     "aiolimiter",
     "orjson",
+    # The upstream client's peers, and the server its benchmark calls.
+    "aiohttp",
+    "httpx",
+    "requests",
+    "uvicorn",
 ]
 
 
@@ -114,3 +119,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benches/bench_registry.py", *session.posargs)
     session.run("python", "benches/bench_limits.py", *session.posargs)
     session.run("python", "benches/bench_engine.py", *session.posargs)
+    session.run("python", "benches/bench_client.py", *session.posargs)

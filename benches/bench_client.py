@@ -222,8 +222,12 @@ def show(title: str, results: dict[str, Any], unit: str, base: str, higher: bool
         if isinstance(value, str):
             print(f"  {name:32} {value}")
             continue
-        ratio = value / reference if higher else reference / value
-        print(f"  {name:32} {value:12,.0f} {unit}   tenuto is {1 / ratio:5.2f}x this")
+        if higher:
+            print(f"  {name:32} {value:12,.0f} {unit}   tenuto/this: {reference / value:5.2f}x")
+        else:
+            print(
+                f"  {name:32} {value:12,.0f} {unit}   tenuto costs {reference / value:5.2f}x this"
+            )
 
 
 def main() -> None:

@@ -317,6 +317,17 @@ def test_long_retry_after_raises_rate_limited_at_once(upstream: Upstream) -> Non
     assert clock.now() == START, "nothing was waited"
     assert len(upstream.hits("/long")) == 1
 
+    # Fed to a limiter, the long pause holds no later call either: each raises at once.
+    limited = tenuto.Client(
+        upstream.url, max_retry_after=60, clock=clock, limiter=tenuto.RateLimiter("9/second")
+    )
+    upstream.script("/long", (429, {"Retry-After": "120"}, ""))
+    for _ in range(2):
+        with pytest.raises(tenuto.RateLimited) as info:
+            limited.get_json("/long")
+        assert 119 < info.value.retry_after <= 120
+    assert len(upstream.hits("/long")) == 2 and clock.now() == START
+
     upstream.script("/short", (429, {"Retry-After": "5"}, ""))
     with pytest.raises(tenuto.RateLimited) as info:
         client.get_json("/short", deadline=2.0)
@@ -473,10 +484,8 @@ def test_twenty_threads_share_one_request(
     threads = [threading.Thread(target=caller) for _ in range(20)]
     for t in threads:
         t.start()
-    loader = client._loaders[("GET", 60, None, False)]
-    wait_until(
-        lambda: upstream.hanging.is_set() and loader.followers("GET", "/sf", None, None) == 19
-    )
+    loader = client._loader("GET", 60, None, False)
+    wait_until(lambda: upstream.hanging.is_set() and loader.followers("/sf", None, None) == 19)
     upstream.release.set()
     for t in threads:
         t.join(10)
@@ -491,8 +500,8 @@ async def test_twenty_tasks_share_one_request(upstream: Upstream, fake_clock: Fa
     tasks = [asyncio.ensure_future(client.aget_json("/sfa", ttl=60)) for _ in range(20)]
     while not upstream.hanging.is_set():
         await asyncio.sleep(0.005)
-    loader = client._loaders[("GET", 60, None, True)]
-    while loader.followers("GET", "/sfa", None, None) < 19:
+    loader = client._loader("GET", 60, None, True)
+    while loader.followers("/sfa", None, None) < 19:
         await asyncio.sleep(0.005)
     upstream.release.set()
     assert await asyncio.gather(*tasks) == [{"late": True}] * 20
@@ -506,12 +515,12 @@ def test_stale_is_served_while_refreshing_and_when_the_upstream_fails(
     upstream.script("/s", ok("v1"), (500, {}, ""), ok("v2"))
     assert client.get_json("/s", ttl=10, stale_ttl=100) == "v1"
     clock.advance(20)
-    loader = client._loaders[("GET", 10, 100, False)]
+    loader = client._loader("GET", 10, 100, False)
     assert client.get_json("/s", ttl=10, stale_ttl=100) == "v1", "stale while revalidating"
-    loader._settle(loader.key("GET", "/s", None, None))
+    loader._settle(loader.key("/s", None, None))
     assert len(upstream.hits("/s")) == 2, "the refresh failed: the stale value stays"
     assert client.get_json("/s", ttl=10, stale_ttl=100) == "v1"
-    loader._settle(loader.key("GET", "/s", None, None))
+    loader._settle(loader.key("/s", None, None))
     assert client.get_json("/s", ttl=10, stale_ttl=100) == "v2"
     assert client.stats()["cache"]["stale"] == 2
 
@@ -524,9 +533,9 @@ def test_a_long_retry_after_serves_the_stale_value(
     upstream.script("/r", ok("old"), (429, {"Retry-After": "3600"}, ""))
     assert client.get_json("/r", ttl=10, stale_ttl=1000) == "old"
     clock.advance(20)
-    loader = client._loaders[("GET", 10, 1000, False)]
+    loader = client._loader("GET", 10, 1000, False)
     assert client.get_json("/r", ttl=10, stale_ttl=1000) == "old"
-    loader._settle(loader.key("GET", "/r", None, None))
+    loader._settle(loader.key("/r", None, None))
     assert len(upstream.hits("/r")) == 2
     assert client.stats()["rate_limited"] == 1
     assert limiter.stats()["paused_for"] > 3000, "every caller of the limiter pauses"
@@ -548,14 +557,14 @@ def test_etag_revalidation_refreshes_without_a_new_body(
     upstream.script("/e", then=etagged)
     assert client.get_json("/e", ttl=10, stale_ttl=100) == {"big": "body"}
     clock.advance(20)
-    loader = client._loaders[("GET", 10, 100, False)]
+    loader = client._loader("GET", 10, 100, False)
     assert client.get_json("/e", ttl=10, stale_ttl=100) == {"big": "body"}
-    loader._settle(loader.key("GET", "/e", None, None))
+    loader._settle(loader.key("/e", None, None))
     first, second = upstream.hits("/e")
     assert "If-None-Match" not in first.headers
     assert second.headers["If-None-Match"] == '"v1"'
     assert second.headers["If-Modified-Since"] == "Tue, 14 Nov 2023 22:13:20 GMT"
-    assert loader.lookup("GET", "/e", None, None).state == "hit", "the 304 refreshed it"
+    assert loader.lookup("/e", None, None).state == "hit", "the 304 refreshed it"
     assert client.get_json("/e", ttl=10, stale_ttl=100) == {"big": "body"}
     assert len(upstream.hits("/e")) == 2
     assert client.stats()["cache"]["not_modified"] == 1

@@ -41,7 +41,11 @@ class Client(ClientCore):
 
     def __init__(self, base_url: str, *, cache: Any = None, **kwargs: Any) -> None:
         self._cache = cache
-        self._loaders: dict[tuple[Any, ...], Any] = {}
+        # The cached functions behind cached calls: per (method, async), per (ttl, stale_ttl).
+        self._loaders: dict[tuple[str, bool], dict[tuple[Any, Any], Any]] = {
+            (method, is_async): {} for method in ("GET", "POST") for is_async in (False, True)
+        }
+        self._sync_gets = self._loaders[("GET", False)]
         self._loaders_lock = threading.Lock()
         # Cached calls, and the loads they caused by the state they found (a load that
         # found a stale value is its refresh); every other call was served as a hit.
@@ -67,6 +71,12 @@ class Client(ClientCore):
         stale for `stale_ttl` while it is refreshed or the upstream fails."""
         if ttl is None:
             return self._json("GET", path, params, headers, None, timeout, deadline)
+        if headers is None and timeout is None and deadline is None:
+            loader = self._sync_gets.get((ttl, stale_ttl))
+            if loader is not None and not isinstance(params, (list, tuple)):
+                # NOTE: a hit is this frame plus the cached function's native fast path.
+                self._cached_calls += 1
+                return loader(path, params, None)["body"]
         return self._cached("GET", path, params, None, headers, ttl, stale_ttl, timeout, deadline)
 
     def post_json(
@@ -142,23 +152,23 @@ class Client(ClientCore):
 
     def _loader(self, method: str, ttl: Any, stale_ttl: Any, is_async: bool) -> Any:
         """The cached function behind cached calls of one method and TTL pair."""
-        key = (method, ttl, stale_ttl, is_async)
-        loader = self._loaders.get(key)
+        loaders = self._loaders[(method, is_async)]
+        loader = loaders.get((ttl, stale_ttl))
         if loader is not None:
             return loader
         if self._cache is None:
             raise ValueError("ttl needs a cache: Client(..., cache=tenuto.Cache(...))")
         with self._loaders_lock:
-            loader = self._loaders.get(key)
+            loader = loaders.get((ttl, stale_ttl))
             if loader is None:
-                loader = self._make_loader(ttl, stale_ttl, is_async)
-                self._loaders[key] = loader
+                loader = self._make_loader(method, ttl, stale_ttl, is_async)
+                loaders[(ttl, stale_ttl)] = loader
         return loader
 
-    def _make_loader(self, ttl: Any, stale_ttl: Any, is_async: bool) -> Any:
-        # The key is the base URL (in the name), method, path, params (a dict's keys are
-        # sorted by the key's canonical JSON) and body.
-        name = f"tenuto.client:{self.base_url}"
+    def _make_loader(self, method: str, ttl: Any, stale_ttl: Any, is_async: bool) -> Any:
+        # The key is the method and base URL (in the name), path, params (a dict's keys
+        # are sorted by the key's canonical JSON) and body.
+        name = f"tenuto.client:{method} {self.base_url}"
         cache = self._cache
         revalidate = self._revalidate
         arevalidate = self._arevalidate
@@ -184,9 +194,9 @@ class Client(ClientCore):
 
         if is_async:
 
-            async def aload(method: str, path: str, params: Any, body: Any) -> Any:
+            async def aload(path: str, params: Any, body: Any) -> Any:
                 headers, timeout, deadline = _CALL_OPTIONS.get()
-                found = await cache.aget(aloaded.key(method, path, params, body))
+                found = await cache.aget(aloaded.key(path, params, body))
                 etag, modified = validators(found)
                 answer = await arevalidate(
                     method, path, params, headers, body, timeout, deadline, etag, modified
@@ -196,9 +206,9 @@ class Client(ClientCore):
             aloaded: Any = cache.cached(ttl=ttl, stale_ttl=stale_ttl, name=name)(aload)
             return aloaded
 
-        def load(method: str, path: str, params: Any, body: Any) -> Any:
+        def load(path: str, params: Any, body: Any) -> Any:
             headers, timeout, deadline = _CALL_OPTIONS.get()
-            found = cache.get(loaded.key(method, path, params, body))
+            found = cache.get(loaded.key(path, params, body))
             etag, modified = validators(found)
             answer = revalidate(
                 method, path, params, headers, body, timeout, deadline, etag, modified
@@ -220,18 +230,15 @@ class Client(ClientCore):
         timeout: Any,
         deadline: Any,
     ) -> Any:
-        loader = self._loaders.get((method, ttl, stale_ttl, False)) or self._loader(
-            method, ttl, stale_ttl, False
-        )
+        loader = self._loader(method, ttl, stale_ttl, False)
         self._cached_calls += 1
         if isinstance(params, (list, tuple)):  # pairs in any order name one resource
             params = sorted(params, key=repr)
         if headers is None and timeout is None and deadline is None:
-            # NOTE: a hit is the cached function's native fast path plus this frame.
-            return loader(method, path, params, body)["body"]
+            return loader(path, params, body)["body"]
         token = _CALL_OPTIONS.set((headers, timeout, deadline))
         try:
-            return loader(method, path, params, body)["body"]
+            return loader(path, params, body)["body"]
         finally:
             _CALL_OPTIONS.reset(token)
 
@@ -247,14 +254,12 @@ class Client(ClientCore):
         timeout: Any,
         deadline: Any,
     ) -> Any:
-        loader = self._loaders.get((method, ttl, stale_ttl, True)) or self._loader(
-            method, ttl, stale_ttl, True
-        )
+        loader = self._loader(method, ttl, stale_ttl, True)
         self._cached_calls += 1
         if isinstance(params, (list, tuple)):
             params = sorted(params, key=repr)
         token = _CALL_OPTIONS.set((headers, timeout, deadline))
         try:
-            return (await loader(method, path, params, body))["body"]
+            return (await loader(path, params, body))["body"]
         finally:
             _CALL_OPTIONS.reset(token)

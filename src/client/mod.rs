@@ -637,20 +637,34 @@ pub async fn call<U: Upstream>(
     request: &Request,
     deadline_ns: Option<i64>,
 ) -> Result<Reply, ClientError> {
+    bump(&shared.stats.calls);
+    let outcome = attempts(upstream, shared, request, deadline_ns).await;
+    if !matches!(&outcome, Ok(reply) if reply.status < 400) {
+        bump(&shared.stats.errors);
+    }
+    outcome
+}
+
+async fn attempts<U: Upstream>(
+    upstream: &U,
+    shared: &Shared,
+    request: &Request,
+    deadline_ns: Option<i64>,
+) -> Result<Reply, ClientError> {
     let stats = &shared.stats;
-    bump(&stats.calls);
     shared.budget.record_call(upstream.now());
     let url = || shared.redactor.url(&request.url);
     let mut retry = 0u32;
     loop {
-        admit(upstream, deadline_ns)
+        admit(upstream, deadline_ns, shared.policy.max_retry_after_ns)
             .await
             .map_err(|retry_after_ns| {
                 bump(&stats.rate_limited);
                 ClientError::RateLimited {
                     url: url(),
                     retry_after_ns,
-                    why: "the rate limiter's next slot is past the call's deadline".into(),
+                    why: "the rate limiter's next slot is further away than this call may wait"
+                        .into(),
                 }
             })?;
         let probe = upstream.permit().await.map_err(|retry_after_ns| {
@@ -702,7 +716,6 @@ pub async fn call<U: Upstream>(
             }
             Next::TooLong { retry_after_ns } => {
                 bump(&stats.rate_limited);
-                bump(&stats.errors);
                 return Err(ClientError::RateLimited {
                     url: url(),
                     retry_after_ns,
@@ -713,7 +726,6 @@ pub async fn call<U: Upstream>(
                 return match outcome {
                     Ok(reply) => Ok(reply),
                     Err(err) => {
-                        bump(&stats.errors);
                         Err(match err {
                             SendError::Timeout => ClientError::Timeout {
                                 url: url(),
@@ -730,13 +742,21 @@ pub async fn call<U: Upstream>(
     }
 }
 
-/// Waits for the limiter; Err(wait) when its next slot is past the deadline.
-async fn admit<U: Upstream>(upstream: &U, deadline_ns: Option<i64>) -> Result<(), i64> {
+/// Waits for the limiter; Err(wait) when its next slot is past the deadline or further
+/// away than `max_wait_ns` (a limiter paused by a long Retry-After holds no caller that
+/// long: each raises at once, or is served stale by the cache).
+async fn admit<U: Upstream>(
+    upstream: &U,
+    deadline_ns: Option<i64>,
+    max_wait_ns: i64,
+) -> Result<(), i64> {
     loop {
         match upstream.try_admit().await {
             Ok(()) => return Ok(()),
             Err(wait) => {
-                if deadline_ns.is_some_and(|d| upstream.now().saturating_add(wait) > d) {
+                let past_deadline =
+                    deadline_ns.is_some_and(|d| upstream.now().saturating_add(wait) > d);
+                if past_deadline || wait > max_wait_ns {
                     return Err(wait);
                 }
                 upstream.sleep(wait.max(1)).await;

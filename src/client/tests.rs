@@ -237,10 +237,35 @@ fn a_paused_limiter_past_the_deadline_raises_rate_limited() {
     .unwrap_err();
     assert!(matches!(err, ClientError::RateLimited { .. }));
     assert_eq!(up.sent.load(Ordering::SeqCst), 0);
-    // Without a deadline the call waits for the pause, then goes.
+    // Without a deadline the call waits for a pause up to max_retry_after, then goes.
     let got = run(call(&up, &shared(3), &request("http://h/x"), None)).unwrap();
     assert_eq!(got.status, 200);
     assert!(lock(&up.sent_at)[0] >= T0 + 30 * NANOS);
+    // A longer pause (a long Retry-After fed to a shared limiter) is not waited for.
+    let before = up.now();
+    up.paused_until.store(before + 61 * NANOS, Ordering::SeqCst);
+    let err = run(call(&up, &shared(3), &request("http://h/x"), None)).unwrap_err();
+    assert!(
+        matches!(err, ClientError::RateLimited { retry_after_ns, .. } if retry_after_ns == 61 * NANOS)
+    );
+    assert_eq!(up.now(), before, "nothing waited");
+    assert_eq!(up.sent.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn errors_count_calls_that_did_not_succeed() {
+    let shared = shared(0);
+    let up = Scripted::new(vec![
+        Ok(reply(404, &[], "")),
+        Ok(reply(200, &[], "{}")),
+        Err(SendError::Timeout),
+        Ok(reply(500, &[], "")),
+    ]);
+    for _ in 0..4 {
+        let _ = run(call(&up, &shared, &request("http://h/x"), None));
+    }
+    let s = shared.stats.snapshot();
+    assert_eq!((s.calls, s.errors), (4, 3));
 }
 
 #[test]

@@ -45,39 +45,14 @@ class Client(ClientCore):
         self._loaders: dict[tuple[str, bool], dict[tuple[Any, Any], Any]] = {
             (method, is_async): {} for method in ("GET", "POST") for is_async in (False, True)
         }
-        self._sync_gets = self._loaders[("GET", False)]
+        self._loaders[("GET", False)] = self._sync_gets  # read natively by get_json
         self._loaders_lock = threading.Lock()
         # Cached calls, and the loads they caused by the state they found (a load that
         # found a stale value is its refresh); every other call was served as a hit.
-        self._cached_calls = 0
         self._loads = {"miss": 0, "stale": 0}
         self._not_modified = 0
 
-    # --- uncached calls: one native call each -------------------------------------------
-
-    def get_json(
-        self,
-        path: str,
-        params: Any = None,
-        headers: dict[str, str] | None = None,
-        *,
-        ttl: Any = None,
-        stale_ttl: Any = None,
-        timeout: float | None = None,
-        deadline: float | None = None,
-    ) -> Any:
-        """GET `path` (joined to the base URL) and return its JSON. With `ttl` (and the
-        client's `cache`): served from the cache, fetched once for concurrent callers,
-        stale for `stale_ttl` while it is refreshed or the upstream fails."""
-        if ttl is None:
-            return self._json("GET", path, params, headers, None, timeout, deadline)
-        if headers is None and timeout is None and deadline is None:
-            loader = self._sync_gets.get((ttl, stale_ttl))
-            if loader is not None and not isinstance(params, (list, tuple)):
-                # NOTE: a hit is this frame plus the cached function's native fast path.
-                self._cached_calls += 1
-                return loader(path, params, None)["body"]
-        return self._cached("GET", path, params, None, headers, ttl, stale_ttl, timeout, deadline)
+    # --- calls: `get_json` is native (ClientCore), cached hits included -----------------
 
     def post_json(
         self,
@@ -141,7 +116,7 @@ class Client(ClientCore):
         stats = self._stats()
         misses, stale = self._loads["miss"], self._loads["stale"]
         stats["cache"] = {
-            "hit": max(self._cached_calls - misses - stale, 0),
+            "hit": max(stats.pop("cached_calls") - misses - stale, 0),
             "stale": stale,
             "miss": misses,
             "not_modified": self._not_modified,
@@ -231,7 +206,7 @@ class Client(ClientCore):
         deadline: Any,
     ) -> Any:
         loader = self._loader(method, ttl, stale_ttl, False)
-        self._cached_calls += 1
+        self._count_cached_call()
         if isinstance(params, (list, tuple)):  # pairs in any order name one resource
             params = sorted(params, key=repr)
         if headers is None and timeout is None and deadline is None:
@@ -255,7 +230,7 @@ class Client(ClientCore):
         deadline: Any,
     ) -> Any:
         loader = self._loader(method, ttl, stale_ttl, True)
-        self._cached_calls += 1
+        self._count_cached_call()
         if isinstance(params, (list, tuple)):
             params = sorted(params, key=repr)
         token = _CALL_OPTIONS.set((headers, timeout, deadline))

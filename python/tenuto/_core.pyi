@@ -513,6 +513,20 @@ class ClientCore:
         timeout: float | None = None,
         deadline: float | None = None,
     ) -> Awaitable[Response]: ...
+    def get_json(
+        self,
+        path: str,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        ttl: Any = None,
+        stale_ttl: Any = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Any: ...
+    @property
+    def _sync_gets(self) -> dict[tuple[Any, Any], Any]: ...
+    def _count_cached_call(self) -> None: ...
     def _json(
         self,
         method: str,

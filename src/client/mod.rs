@@ -725,17 +725,15 @@ async fn attempts<U: Upstream>(
             Next::GiveUp => {
                 return match outcome {
                     Ok(reply) => Ok(reply),
-                    Err(err) => {
-                        Err(match err {
-                            SendError::Timeout => ClientError::Timeout {
-                                url: url(),
-                                after: request.timeout.unwrap_or(shared.timeout),
-                            },
-                            SendError::Connect(reason) => {
-                                ClientError::Unreachable { url: url(), reason }
-                            }
-                        })
-                    }
+                    Err(err) => Err(match err {
+                        SendError::Timeout => ClientError::Timeout {
+                            url: url(),
+                            after: request.timeout.unwrap_or(shared.timeout),
+                        },
+                        SendError::Connect(reason) => {
+                            ClientError::Unreachable { url: url(), reason }
+                        }
+                    }),
                 };
             }
         }

@@ -423,6 +423,11 @@ fn parse_json<'py>(
 #[pyclass(subclass, frozen, module = "tenuto._core", name = "ClientCore")]
 pub struct PyClient {
     inner: Arc<Inner>,
+    /// The cached functions behind cached sync GETs, by `(ttl, stale_ttl)`; filled by
+    /// `tenuto.Client`, read here so a hit needs no Python frame.
+    sync_gets: Py<PyDict>,
+    /// Calls through the cache (hits are those that caused no load).
+    cached_calls: std::sync::atomic::AtomicU64,
 }
 
 impl PyClient {
@@ -692,6 +697,8 @@ impl PyClient {
         })?;
         let shown_base = redactor.url(&parsed);
         Ok(Self {
+            sync_gets: PyDict::new(base_url.py()).unbind(),
+            cached_calls: std::sync::atomic::AtomicU64::new(0),
             inner: Arc::new(Inner {
                 base,
                 shown_base,
@@ -771,6 +778,66 @@ impl PyClient {
             deadline,
         )?;
         self.run_async(py, prepared, Want::Response)
+    }
+
+    /// GET `path` and return its JSON; with `ttl`, through the client's cache (see
+    /// `tenuto.Client.get_json`).
+    #[pyo3(signature = (path, params = None, headers = None, *, ttl = None, stale_ttl = None, timeout = None, deadline = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn get_json(
+        slf: &Bound<'_, Self>,
+        path: &Bound<'_, PyAny>,
+        params: Option<&Bound<'_, PyAny>>,
+        headers: Option<&Bound<'_, PyAny>>,
+        ttl: Option<&Bound<'_, PyAny>>,
+        stale_ttl: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+        deadline: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let Some(ttl) = ttl.filter(|t| !t.is_none()) else {
+            let path: &str = path.extract()?;
+            return this._json(py, "GET", path, params, headers, None, timeout, deadline);
+        };
+        let none = py.None().into_bound(py);
+        let params = params.unwrap_or(&none);
+        let stale_ttl = stale_ttl.unwrap_or(&none);
+        let plain_params =
+            !(params.is_instance_of::<PyList>() || params.is_instance_of::<PyTuple>());
+        let no_options =
+            headers.is_none_or(|h| h.is_none()) && timeout.is_none() && deadline.is_none();
+        if plain_params && no_options {
+            let loaders = this.sync_gets.bind(py);
+            if let Some(loader) = loaders.get_item((ttl, stale_ttl))? {
+                // NOTE: a hit is this call plus the cached function's native fast path.
+                this.cached_calls
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let found = loader.call1((path, params, &none))?;
+                return Ok(found.get_item(pyo3::intern!(py, "body"))?.unbind());
+            }
+        }
+        let headers = headers.map_or_else(|| none.clone(), |h| h.clone());
+        Ok(slf
+            .call_method1(
+                pyo3::intern!(py, "_cached"),
+                (
+                    "GET", path, params, &none, headers, ttl, stale_ttl, timeout, deadline,
+                ),
+            )?
+            .unbind())
+    }
+
+    /// The dict of cached functions behind cached sync GETs (see `get_json`).
+    #[getter]
+    fn _sync_gets(&self, py: Python<'_>) -> Py<PyDict> {
+        self.sync_gets.clone_ref(py)
+    }
+
+    /// Counts a call through the cache made by Python.
+    fn _count_cached_call(&self) {
+        self.cached_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The JSON body of a call; error statuses raise.
@@ -879,6 +946,10 @@ impl PyClient {
         d.set_item("rate_limited", s.rate_limited)?;
         d.set_item("circuit_open", s.circuit_open)?;
         d.set_item("retry_budget_exhausted", s.retry_budget_exhausted)?;
+        d.set_item(
+            "cached_calls",
+            self.cached_calls.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         let statuses = PyDict::new(py);
         for (status, n) in s.statuses {
             statuses.set_item(status, n)?;
@@ -897,6 +968,7 @@ impl PyClient {
     }
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.sync_gets)?;
         if let Some(limiter) = &self.inner.limiter {
             visit.call(limiter)?;
         }

@@ -399,6 +399,40 @@ def test_limiter_concurrency_slots_bound_requests_in_flight(upstream: Upstream) 
     assert limiter.stats()["in_flight"] == 0
 
 
+def test_a_redis_limiter_caps_concurrency_across_limiters(
+    upstream: Upstream, redis_server: Any, namespace: str
+) -> None:
+    # Two limiters of one name and URL stand for two processes: two leases in all.
+    clients = [
+        tenuto.Client(
+            upstream.url,
+            limiter=tenuto.RateLimiter(
+                "1000/second", max_concurrency=2, url=redis_server.url, name=namespace
+            ),
+        )
+        for _ in range(2)
+    ]
+    in_flight = [0, 0]
+    lock = threading.Lock()
+
+    def slowly(seen: Seen) -> Any:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        return ok(1)
+
+    upstream.script("/lease", then=slowly)
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*(c.aget_json("/lease") for c in clients for _ in range(5)))
+
+    assert asyncio.run(many()) == [1] * 10
+    assert in_flight[1] == 2
+
+
 # --- redaction -----------------------------------------------------------------------
 
 

@@ -135,12 +135,19 @@ struct Inner {
     deadline_ns: Option<i64>,
 }
 
-/// A concurrency slot of the limiter, given back when the attempt is over.
-struct Slot(Arc<Inner>);
+/// A concurrency slot of the limiter (and its lease when shared through Redis), given
+/// back when the attempt is over.
+struct Slot {
+    inner: Arc<Inner>,
+    lease: Option<String>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(limiter) = &self.0.limiter {
+        if let Some(limiter) = &self.inner.limiter {
+            if let Some(token) = self.lease.take() {
+                limiter.get().unlease_native(token);
+            }
             limiter.get().release_slot();
         }
     }
@@ -190,7 +197,14 @@ impl Upstream for ClientUpstream {
                 return None;
             }
             limiter.wait_slot_native().await;
-            Some(Box::new(Slot(inner)) as Box<dyn Send>)
+            let mut slot = Slot {
+                inner: Arc::clone(&inner),
+                lease: None,
+            };
+            // Taken after the local slot, as `with lim:` does; dropped while waiting, the
+            // slot gives the local one back.
+            slot.lease = limiter.lease_native().await;
+            Some(Box::new(slot) as Box<dyn Send>)
         })
     }
 

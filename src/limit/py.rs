@@ -679,6 +679,49 @@ impl PyRateLimiter {
         }
     }
 
+    /// A concurrency lease shared through Redis (with `url` and `max_concurrency`),
+    /// polled with backoff while every lease is taken elsewhere, as `with lim:` does: its
+    /// token, or None when there is nothing to lease (or Redis is down and the limiter
+    /// fails open). A wait dropped mid-request gives back what the server may have taken.
+    pub(crate) async fn lease_native(&self) -> Option<String> {
+        let (redis, key, max, _) = self.lease_request()?;
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            let token = crate::runtime::unique_token();
+            let reply = if redis.is_down() {
+                Err(down(&redis))
+            } else {
+                let mut guard = LeaseGuard {
+                    armed: Some((Arc::clone(&redis), key.clone(), token.clone())),
+                };
+                let reply = redis
+                    .lease(key.clone(), max, self.lease_ttl_ms, token.clone())
+                    .await;
+                guard.disarm();
+                reply
+            };
+            match self.core.lease_outcome(reply, token) {
+                Lease::Taken(token) => return Some(token),
+                Lease::Unchecked => return None,
+                Lease::Busy => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// Gives a shared lease back (in the background: a lost release only keeps the lease
+    /// until its TTL runs out).
+    pub(crate) fn unlease_native(&self, token: String) {
+        if let Some(redis) = self.shared.clone() {
+            let key = self.core.lease_key();
+            crate::runtime::handle().spawn(async move {
+                let _ = redis.unlease(key, token).await;
+            });
+        }
+    }
+
     /// Gives back an in-flight slot taken by any caller.
     pub(crate) fn release_slot(&self) {
         let Some(slots) = &self.slots else { return };

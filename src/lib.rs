@@ -42,7 +42,7 @@ mod _core {
     #[pymodule_export]
     use crate::flight::py::{PyFlight, PyFlightGroup};
     #[pymodule_export]
-    use crate::key::py::stable_key;
+    use crate::key::py::{companion_key, stable_key};
     #[pymodule_export]
     use crate::limit::py::{CircuitOpen, PyCircuitBreaker, PyRateLimiter, RateLimited};
     #[pymodule_export]

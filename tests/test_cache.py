@@ -226,6 +226,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match="invalid Redis URL"):
             tenuto.Cache("redis://:pw@[::1")
 
+    @pytest.mark.parametrize("db", ["99999999999", "-1"])
+    def test_database_index_out_of_range(self, db: str) -> None:
+        with pytest.raises(ValueError, match="database index .* is out of range"):
+            tenuto.Cache(f"redis://127.0.0.1:1/{db}")
+
     @pytest.mark.parametrize("ttl", [0, -1, -0.5, float("nan"), float("inf")])
     def test_non_positive_ttl(self, cache: tenuto.Cache, ttl: float) -> None:
         with pytest.raises(ValueError, match="ttl"):

@@ -33,6 +33,24 @@ def test_missing_marks_and_validation_clears_them(registry: tenuto.IdRegistry) -
     assert registry.is_missing("sp1") is False and registry.get("sp1") == "rb1"
 
 
+def test_remapping_removes_the_superseded_halves(registry: tenuto.IdRegistry) -> None:
+    """Re-mapping an ID leaves no stale record of the old pair, in either direction."""
+    registry.mark_validated("s", "d1")
+    registry.mark_validated("s", "d2")
+    assert registry.reverse("d1") is None
+    assert registry.get("s") == "d2" and registry.reverse("d2") == "s"
+    # d2 taken over by another source: s no longer maps to it.
+    registry.mark_validated("t", "d2")
+    assert registry.get("s") is None
+    assert registry.get("t") == "d2" and registry.reverse("d2") == "t"
+    # A record reused by another pair meanwhile is not removed.
+    registry.mark_validated("u", "d3")
+    registry.mark_validated("v", "d4")
+    registry.mark_validated("u", "d4")
+    assert registry.reverse("d4") == "u" and registry.get("v") is None
+    assert registry.reverse("d3") is None and registry.get("u") == "d4"
+
+
 def test_forget(registry: tenuto.IdRegistry) -> None:
     registry.mark_validated("sp1", "rb1")
     registry.mark_missing("sp2")

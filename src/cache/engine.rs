@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::memory::{Entry, MemoryStore};
 use super::redis::StoreError;
+use super::topology::companion_key;
 use super::{check_ttl, Counters, State, Times, TtlPolicy};
 use crate::clock::ClockRef;
 use crate::codec::{decode_envelope, encode_envelope};
@@ -395,10 +396,11 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         self.clock.now_secs()
     }
 
-    /// True when operations go to the remote now (so they need the runtime); false when
-    /// they complete on memory at once.
+    /// True when operations may go to the remote (so they run on the runtime); false when
+    /// they complete on memory at once. A remote marked down counts: it can come back
+    /// between this answer and the operation, which must then be inside the runtime.
     pub fn uses_remote(&self) -> bool {
-        self.remote.as_ref().is_some_and(|r| !r.is_down())
+        self.remote.is_some()
     }
 
     /// The key under which `key` is stored remotely.
@@ -410,16 +412,17 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         k
     }
 
-    /// The value key and the cached call's own keys. Those use `|` where user keys have
-    /// `{namespace}:`, and namespaces may not contain `|`, so no user key names them and
-    /// `clear()` (which removes `{namespace}:*`) leaves them to expire on their own.
+    /// The value key and the cached call's own keys, in the value's cluster slot (see
+    /// `topology::companion_key`). Those start `{tag}|` where user keys start
+    /// `{namespace}:`, so no user key names them and `clear()` (which removes
+    /// `{namespace}:*`) leaves them to expire on their own.
     pub fn flight_keys(&self, key: &str) -> FlightKeys {
-        let ns = &self.namespace;
+        let value = self.remote_key(key);
         FlightKeys {
-            value: self.remote_key(key),
-            lock: format!("{ns}|lock|{key}"),
-            waiters: format!("{ns}|waiters|{key}"),
-            done: format!("{ns}|done|{key}"),
+            lock: companion_key(&value, "lock"),
+            waiters: companion_key(&value, "waiters"),
+            done: companion_key(&value, "done"),
+            value,
         }
     }
 

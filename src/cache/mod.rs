@@ -5,11 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{CoreError, CoreResult};
 
+pub mod conn;
 pub mod engine;
 pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;
 pub mod redis;
+pub mod topology;
 
 /// The three integer epoch-second stamps of an envelope; bounds are inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyString};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 use super::engine::{Config, Decode, Engine, Found, Prepared, Write};
 use super::memory::Entry;
@@ -546,7 +546,7 @@ fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
         return Ok(Some(url.to_string()));
     }
     Err(PyValueError::new_err(format!(
-        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey:// or valkeys://",
+        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey://, valkeys:// or one of them with +cluster",
         super::redis::redact(url)
     )))
 }
@@ -956,6 +956,20 @@ impl PyCache {
         d.set_item("loads", s.loads)?;
         d.set_item("hit_rate", rate(s.hits))?;
         d.set_item("stale_rate", rate(s.stale_hits))?;
+        if let Some(store) = self.binding.engine.remote().filter(|r| r.is_cluster()) {
+            let store = Arc::clone(store);
+            let health =
+                py.detach(move || runtime::block_on(async move { store.node_health().await }));
+            let nodes = PyList::empty(py);
+            for (node, reachable) in health {
+                let n = PyDict::new(py);
+                n.set_item("address", format!("{}:{}", node.host, node.port))?;
+                n.set_item("slots", node.slots)?;
+                n.set_item("reachable", reachable)?;
+                nodes.append(n)?;
+            }
+            d.set_item("nodes", nodes)?;
+        }
         Ok(d)
     }
 

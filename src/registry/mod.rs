@@ -82,6 +82,55 @@ impl Layout {
     }
 }
 
+/// A record a re-mapping left behind: `(table, id)` is removed only while its record still
+/// names `names` in `field` (another writer may have reused it meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    pub table: Table,
+    pub id: String,
+    pub field: String,
+    pub names: String,
+}
+
+impl Layout {
+    /// The other half of an old pair a write replaced. Writing `validated:s → d2` over
+    /// `validated:s → d1` leaves `reverse:d1 → s`; writing `reverse:d → s2` over
+    /// `reverse:d → s1` leaves `validated:s1 → d`. `previous` is what the write replaced.
+    pub fn superseded(
+        &self,
+        table: Table,
+        id: &str,
+        names: &str,
+        previous: &str,
+    ) -> Option<Superseded> {
+        let (other, field) = match table {
+            Table::Validated => (Table::Reverse, &self.source_field),
+            Table::Reverse => (Table::Validated, &self.target_field),
+            Table::Missing => return None,
+        };
+        (previous != names).then(|| Superseded {
+            table: other,
+            id: previous.to_owned(),
+            field: field.clone(),
+            names: id.to_owned(),
+        })
+    }
+
+    /// The ID a stored record of `table` names (its target for validated records, its
+    /// source for reverse ones), if it is readable.
+    pub fn names_in(&self, table: Table, record: &[u8]) -> Option<String> {
+        let field = match table {
+            Table::Validated => &self.target_field,
+            Table::Reverse => &self.source_field,
+            Table::Missing => return None,
+        };
+        match field_of(record, field) {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 fn push_field(out: &mut String, name: &str, value: &str) {
     write_json_str(out, name, false);
     out.push(':');
@@ -137,6 +186,8 @@ impl MemoryRecords {
             .collect()
     }
 
+    /// Applies deletes, then sets; a set that re-maps an ID also drops the other half of
+    /// the pair it replaced (see `Layout::superseded`), as the Redis write does.
     pub fn write(
         &self,
         sets: Vec<(Table, String, MemoryRecord)>,
@@ -146,6 +197,23 @@ impl MemoryRecords {
         let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
         for (table, id) in deletes {
             tables[slot(*table)].remove(id);
+        }
+        for (table, id, record) in &sets {
+            let other = match table {
+                Table::Validated => Table::Reverse,
+                Table::Reverse => Table::Validated,
+                Table::Missing => continue,
+            };
+            let Some(previous) = tables[slot(*table)].get(id).map(|r| Arc::clone(&r.names)) else {
+                continue;
+            };
+            let stale = *previous != *record.names
+                && tables[slot(other)]
+                    .get(&*previous)
+                    .is_some_and(|r| *r.names == **id);
+            if stale {
+                tables[slot(other)].remove(&*previous);
+            }
         }
         let incoming = sets.len();
         let len: usize = tables.iter().map(|t| t.len()).sum();
@@ -294,6 +362,66 @@ mod tests {
             store.get_many(&[(Table::Missing, "last")], 6)[0].is_some(),
             "the newest stays"
         );
+    }
+
+    #[test]
+    fn remapping_drops_the_superseded_half_in_memory() {
+        let store = MemoryRecords::new(100);
+        let pair = |src: &str, dst: &str| {
+            let rec = |names: &str| MemoryRecord {
+                names: Arc::from(names),
+                expires_at: 100,
+            };
+            vec![
+                (Table::Validated, src.to_owned(), rec(dst)),
+                (Table::Reverse, dst.to_owned(), rec(src)),
+            ]
+        };
+        store.write(pair("s", "d1"), &[], 0);
+        store.write(pair("s", "d2"), &[], 0);
+        let got = store.get_many(&[(Table::Reverse, "d1"), (Table::Reverse, "d2")], 0);
+        assert_eq!(got[0], None, "reverse:d1 no longer names s");
+        assert_eq!(got[1].as_deref(), Some("s"));
+        // d2 taken over by another source: validated:s no longer points at it.
+        store.write(pair("t", "d2"), &[], 0);
+        let got = store.get_many(&[(Table::Validated, "s"), (Table::Validated, "t")], 0);
+        assert_eq!(got[0], None);
+        assert_eq!(got[1].as_deref(), Some("d2"));
+    }
+
+    #[test]
+    fn superseded_names_the_other_half_of_the_old_pair() {
+        let layout = layout();
+        assert_eq!(
+            layout.superseded(Table::Validated, "s", "d2", "d1"),
+            Some(Superseded {
+                table: Table::Reverse,
+                id: "d1".into(),
+                field: "spotify_id".into(),
+                names: "s".into(),
+            })
+        );
+        assert_eq!(layout.superseded(Table::Validated, "s", "d1", "d1"), None);
+        assert_eq!(
+            layout
+                .superseded(Table::Reverse, "d", "s2", "s1")
+                .map(|s| (s.table, s.id, s.field)),
+            Some((Table::Validated, "s1".into(), "reccobeat_id".into()))
+        );
+        let record = layout.validated_record("s", "d", "now");
+        assert_eq!(
+            layout
+                .names_in(Table::Validated, record.as_bytes())
+                .as_deref(),
+            Some("d")
+        );
+        assert_eq!(
+            layout
+                .names_in(Table::Reverse, record.as_bytes())
+                .as_deref(),
+            Some("s")
+        );
+        assert_eq!(layout.names_in(Table::Validated, b"not json"), None);
     }
 
     #[test]

@@ -337,17 +337,34 @@ async fn mget_chunked(
     Ok(out)
 }
 
+/// Writes records in chunks (one round trip each). A write that re-maps an ID replaced an
+/// old pair: its other half is then removed too, only while it still names this ID (one
+/// more round trip, only when something was re-mapped).
 async fn write_chunked(
+    reg: Arc<Registry>,
     redis: Arc<RedisStore>,
-    sets: Vec<(String, Vec<u8>, u64)>,
-    deletes: Vec<String>,
+    writes: Arc<Writes>,
 ) -> Result<(), StoreError> {
+    let (sets, deletes) = reg.wire(&writes);
+    let mut replaced = Vec::with_capacity(sets.len());
     let mut sets = sets.into_iter().peekable();
     let mut deletes = deletes.into_iter().peekable();
     while sets.peek().is_some() || deletes.peek().is_some() {
         let s: Vec<_> = sets.by_ref().take(CHUNK).collect();
         let d: Vec<_> = deletes.by_ref().take(CHUNK).collect();
-        redis.write_many(s, d).await?;
+        replaced.extend(redis.swap_many(s, d).await?);
+    }
+    for (write, previous) in writes.sets.iter().zip(replaced) {
+        let stale = previous
+            .and_then(|p| reg.layout.names_in(write.table, &p))
+            .and_then(|p| {
+                reg.layout
+                    .superseded(write.table, &write.id, &write.names, &p)
+            });
+        if let Some(stale) = stale {
+            let key = reg.cache.redis_key(&reg.layout.key(stale.table, &stale.id));
+            redis.unlink_if_names(key, stale.field, stale.names).await?;
+        }
     }
     Ok(())
 }
@@ -398,10 +415,11 @@ impl PyIdRegistry {
 
     fn write(&self, py: Python<'_>, writes: Writes) -> PyResult<()> {
         let reg = &self.inner;
+        let writes = Arc::new(writes);
         let result = match reg.cache.route()? {
             Some(redis) => {
-                let (sets, deletes) = reg.wire(&writes);
-                Some(py.detach(|| runtime::block_on(write_chunked(redis, sets, deletes))))
+                let job = write_chunked(Arc::clone(reg), redis, Arc::clone(&writes));
+                Some(py.detach(|| runtime::block_on(job)))
             }
             None => None,
         };
@@ -410,18 +428,16 @@ impl PyIdRegistry {
 
     fn awrite<'py>(&self, py: Python<'py>, writes: Writes) -> PyResult<Bound<'py, PyAny>> {
         let reg = Arc::clone(&self.inner);
+        let writes = Arc::new(writes);
         match reg.cache.route()? {
-            Some(redis) => {
-                let (sets, deletes) = reg.wire(&writes);
-                spawn_for_asyncio(
-                    py,
-                    write_chunked(redis, sets, deletes),
-                    move |py, result| {
-                        reg.finish_writes(py, &writes, Some(result))?;
-                        Ok(py.None())
-                    },
-                )
-            }
+            Some(redis) => spawn_for_asyncio(
+                py,
+                write_chunked(Arc::clone(&reg), redis, Arc::clone(&writes)),
+                move |py, result| {
+                    reg.finish_writes(py, &writes, Some(result))?;
+                    Ok(py.None())
+                },
+            ),
             None => {
                 reg.finish_writes(py, &writes, None)?;
                 Ok(Bound::new(py, Ready::new(py.None()))?.into_any())

@@ -41,6 +41,7 @@ __all__ = [
     "_record_state",
     "_seconds",
     "_request_var",
+    "companion_key",
     "current_state",
     "stable_key",
 ]

@@ -619,6 +619,18 @@ async def test_async_cached_calls_and_etags(upstream: Upstream, fake_clock: Fake
     assert await client.apost_json("/ae", json={"q": 1}, ttl=10) == {"path": "/ae", "query": ""}
 
 
+async def test_refresh_fetches_now_and_stores(upstream: Upstream, fake_clock: FakeClock) -> None:
+    cache = tenuto.Cache(jitter=0.0, clock=fake_clock)
+    client = cached_client(upstream, cache, fake_clock)
+    upstream.script("/w", ok("v1"), ok("v2"), ok("v3"))
+    assert client.get_json("/w", params={"a": 1}, ttl=60) == "v1"
+    assert client.refresh_json("/w", params={"a": 1}, ttl=60) == "v2"
+    assert client.get_json("/w", params={"a": 1}, ttl=60) == "v2", "the refresh was stored"
+    assert await client.arefresh_json("/w", params={"a": 1}, ttl=60) == "v3"
+    assert await client.aget_json("/w", params={"a": 1}, ttl=60) == "v3"
+    assert len(upstream.hits("/w")) == 3
+
+
 def test_ttl_without_a_cache_is_an_error(upstream: Upstream) -> None:
     with pytest.raises(ValueError, match="ttl needs a cache"):
         tenuto.Client(upstream.url).get_json("/", ttl=10)

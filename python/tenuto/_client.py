@@ -110,6 +110,26 @@ class Client(ClientCore):
             "POST", path, params, json, headers, ttl, stale_ttl, timeout, deadline
         )
 
+    def refresh_json(
+        self, path: str, params: Any = None, *, ttl: Any, stale_ttl: Any = None
+    ) -> Any:
+        """Fetches a cached GET now (single-flighted, not a cached read) and stores it;
+        returns the body. For prewarming: `ttl` and `stale_ttl` as the readers pass them."""
+        if isinstance(params, (list, tuple)):
+            params = sorted(params, key=repr)
+        self._count_cached_call()
+        return self._loader("GET", ttl, stale_ttl, False).refresh(path, params, None)["body"]
+
+    async def arefresh_json(
+        self, path: str, params: Any = None, *, ttl: Any, stale_ttl: Any = None
+    ) -> Any:
+        """`refresh_json` for async code."""
+        if isinstance(params, (list, tuple)):
+            params = sorted(params, key=repr)
+        self._count_cached_call()
+        loader = self._loader("GET", ttl, stale_ttl, True)
+        return (await loader.refresh(path, params, None))["body"]
+
     def stats(self) -> dict[str, Any]:
         """Calls, requests (attempts), retries, statuses, errors, latency p50/p95/p99
         (seconds), and the states of cached calls."""

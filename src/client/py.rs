@@ -18,6 +18,7 @@ use super::{
     call, seconds_arg, status_error, BoxFuture, ClientError, ClientStats, Policy, Redactor, Reply,
     Request, RetryBudget, SendError, Shared, Upstream, EXCERPT_CHARS, NANOS,
 };
+use crate::cached::py::PyCachedCall;
 use crate::clock::py::PyFakeClock;
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::codec::py::{from_json, to_json, PAYLOAD};
@@ -442,9 +443,40 @@ pub struct PyClient {
     sync_gets: Py<PyDict>,
     /// Calls through the cache (hits are those that caused no load).
     cached_calls: std::sync::atomic::AtomicU64,
+    /// The last `(ttl, stale_ttl, cached function)` a GET used: a call site passing the
+    /// same constants finds it by identity, without building and hashing a dict key.
+    last_get: std::sync::Mutex<Option<[Py<PyAny>; 3]>>,
 }
 
 impl PyClient {
+    /// The cached function of sync GETs with these TTLs, if `tenuto.Client` made one.
+    fn sync_get<'py>(
+        &self,
+        py: Python<'py>,
+        ttl: &Bound<'py, PyAny>,
+        stale_ttl: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let remembered = crate::sync::lock(&self.last_get)
+            .as_ref()
+            .filter(|[t, s, _]| t.bind(py).is(ttl) && s.bind(py).is(stale_ttl))
+            .map(|[_, _, loader]| loader.clone_ref(py));
+        if let Some(loader) = remembered {
+            return Ok(Some(loader.into_bound(py)));
+        }
+        let Some(loader) = self.sync_gets.bind(py).get_item((ttl, stale_ttl))? else {
+            return Ok(None);
+        };
+        let entry = [
+            ttl.clone().unbind(),
+            stale_ttl.clone().unbind(),
+            loader.clone().unbind(),
+        ];
+        // The replaced entry is dropped after the lock is released (a drop may run Python).
+        let replaced = crate::sync::lock(&self.last_get).replace(entry);
+        drop(replaced);
+        Ok(Some(loader))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
@@ -713,6 +745,7 @@ impl PyClient {
         Ok(Self {
             sync_gets: PyDict::new(base_url.py()).unbind(),
             cached_calls: std::sync::atomic::AtomicU64::new(0),
+            last_get: std::sync::Mutex::new(None),
             inner: Arc::new(Inner {
                 base,
                 shown_base,
@@ -822,12 +855,16 @@ impl PyClient {
         let no_options =
             headers.is_none_or(|h| h.is_none()) && timeout.is_none() && deadline.is_none();
         if plain_params && no_options {
-            let loaders = this.sync_gets.bind(py);
-            if let Some(loader) = loaders.get_item((ttl, stale_ttl))? {
-                // NOTE: a hit is this call plus the cached function's native fast path.
+            if let Some(loader) = this.sync_get(py, ttl, stale_ttl)? {
+                // NOTE: a hit is this call plus the cached function's native fast path,
+                // called directly (no Python frame, no argument parsing).
                 this.cached_calls
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let found = loader.call1((path, params, &none))?;
+                let args = PyTuple::new(py, [path, params, &none])?;
+                let found = match loader.cast::<PyCachedCall>() {
+                    Ok(cached) => PyCachedCall::__call__(cached, &args, None)?.into_bound(py),
+                    Err(_) => loader.call1(args)?,
+                };
                 return Ok(found.get_item(pyo3::intern!(py, "body"))?.unbind());
             }
         }
@@ -983,6 +1020,12 @@ impl PyClient {
 
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         visit.call(&self.sync_gets)?;
+        // try_lock: a collection never waits for a lock (its holder runs no Python).
+        if let Ok(last) = self.last_get.try_lock() {
+            for obj in last.iter().flatten() {
+                visit.call(obj)?;
+            }
+        }
         if let Some(limiter) = &self.inner.limiter {
             visit.call(limiter)?;
         }

@@ -29,6 +29,7 @@ TEST_DEPS = [
     "httpx2",
     "gunicorn",
     "uvicorn",
+    "prometheus_client",
 ]
 
 
@@ -57,6 +58,7 @@ PEERS = [
     "pyrate-limiter",
     "aiolimiter",
     "orjson",
+    "prometheus_client",
     # The upstream client's peers, and the server its benchmark calls.
     "aiohttp",
     "httpx",
@@ -99,6 +101,53 @@ def lint(session: nox.Session) -> None:
         "python", "-m", "mypy.stubtest", "tenuto._core", "--allowlist", "stubtest-allowlist.txt"
     )
     session.run("mypy", "--strict", "tests/typing_check.py")
+
+
+# The oldest and newest CPython the wheel is tested on (pyenv's, when present).
+WHEEL_PYTHONS = ["3.9", "3.13"]
+
+
+def _pyenv_python(version: str) -> str | None:
+    root = os.path.expanduser("~/.pyenv/versions")
+    found = sorted(glob.glob(os.path.join(root, f"{version}.*", "bin", "python3")))
+    return found[-1] if found else shutil.which(f"python{version}")
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """One abi3 wheel (CPython 3.9+) that is manylinux2014 compliant, built with zig, and
+    an sdist; then the wheel installed into fresh venvs of the oldest and newest CPython,
+    with no Rust on PATH, and the test suite run against it."""
+    out = "dist/wheels"
+    shutil.rmtree(out, ignore_errors=True)
+    session.install("maturin>=1.8,<2", "ziglang", "auditwheel")
+    session.run(
+        "maturin", "build", "--release", "--zig", "--compatibility", "manylinux2014",
+        "--features", "abi3", "--out", out,
+    )  # fmt: skip
+    session.run("maturin", "sdist", "--out", out)
+    wheel = glob.glob(f"{out}/tenuto-*abi3*manylinux*.whl")
+    if len(wheel) != 1:
+        session.error(f"expected one abi3 manylinux wheel in {out}, found {wheel}")
+    session.run("auditwheel", "show", wheel[0])
+    cargo_dirs = {os.path.dirname(p) for p in [shutil.which("cargo"), shutil.which("rustc")] if p}
+    path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if p and p not in cargo_dirs
+    )
+    for version in WHEEL_PYTHONS:
+        python = _pyenv_python(version)
+        if python is None:
+            session.error(f"no CPython {version} found to test the wheel on")
+        venv = f".nox/wheel-{version}"
+        shutil.rmtree(venv, ignore_errors=True)
+        session.run(python, "-m", "venv", venv, external=True)
+        pip = os.path.join(venv, "bin", "pip")
+        session.run(pip, "install", "-q", wheel[0], *TEST_DEPS, external=True, env={"PATH": path})
+        session.run(
+            os.path.join(venv, "bin", "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            *session.posargs, external=True,
+            env={"PATH": path, "PYTHONDONTWRITEBYTECODE": "1"},
+        )  # fmt: skip
 
 
 @nox.session

@@ -13,6 +13,9 @@ pub mod error;
 pub mod flight;
 pub mod key;
 pub mod limit;
+pub mod metrics;
+#[cfg(feature = "python")]
+pub mod pytext;
 pub mod registry;
 pub mod runtime;
 pub mod sync;
@@ -26,7 +29,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::cache::py::{seconds_py, PyCache, PyEnvelope, PyLookup};
+    use crate::cache::py::{all_cache_stats, seconds_py, PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
     use crate::cached::py::{
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,

@@ -3,13 +3,17 @@
 //! MOVED/ASK and topology changes); multi-key commands must then stay in one slot, which
 //! the store arranges (see `topology`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo,
+    RedisFuture, RedisResult, Value,
+};
 
 use super::topology::ClusterSeeds;
 
@@ -27,9 +31,22 @@ pub enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// Receives what the server pushes on the shared connection (RESP3 invalidations).
+pub type PushHandler = Arc<dyn Fn(PushInfo) + Send + Sync>;
+
 impl Client {
-    pub fn open(url: &str, seeds: Option<ClusterSeeds>) -> RedisResult<Self> {
+    /// `resp3`: speak RESP3 to a single server, so it can push invalidations on the
+    /// connection that also carries commands.
+    pub fn open(url: &str, seeds: Option<ClusterSeeds>, resp3: bool) -> RedisResult<Self> {
         match seeds {
+            None if resp3 => {
+                let info = url.into_connection_info()?;
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                redis::Client::open(info.set_redis_settings(settings)).map(Client::Single)
+            }
             None => redis::Client::open(url).map(Client::Single),
             Some(seeds) => ClusterClient::builder(seeds.nodes)
                 .build()
@@ -55,12 +72,19 @@ impl Client {
         &self,
         connect_timeout: Duration,
         response_timeout: Option<Duration>,
+        push: Option<PushHandler>,
     ) -> RedisResult<Conn> {
         match self {
             Client::Single(client) => {
-                let config = AsyncConnectionConfig::new()
+                let mut config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(response_timeout);
+                if let Some(handler) = push {
+                    config = config.set_push_sender(move |info: PushInfo| {
+                        handler(info);
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+                }
                 client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await

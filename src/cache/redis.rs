@@ -16,6 +16,7 @@ use redis::{ErrorKind, RedisError};
 
 use super::conn::{Client, Conn};
 use super::engine::{FlightKeys, LockReply, Remote};
+use super::local::{Invalidated, Invalidation, Listener};
 use super::topology::{self, SlotMap};
 use crate::error::{CoreError, CoreResult};
 use crate::runtime;
@@ -25,6 +26,8 @@ pub struct RedisConfig {
     pub url: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Ask the server to push invalidations of keys under this prefix (a local tier).
+    pub tracking_prefix: Option<String>,
 }
 
 /// Why a Redis call did not produce a value.
@@ -70,6 +73,11 @@ pub struct RedisStore {
     eviction_policy: Mutex<Option<String>>,
     /// A cluster's slot owners, read once and forgotten at the first sign it is stale.
     slot_map: Mutex<Option<Arc<SlotMap>>>,
+    /// The local tier's listener, told of pushed invalidations and of new connections.
+    listener: Mutex<Option<Listener>>,
+    invalidated_by: Mutex<Invalidated>,
+    /// 1 + the fork epoch of the last tracking connection (0: none yet).
+    tracked_in: AtomicU64,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
@@ -129,7 +137,9 @@ impl RedisStore {
             // rustls needs a process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = Client::open(&config.url, seeds).map_err(|err| invalid(err.to_string()))?;
+        let resp3 = config.tracking_prefix.is_some() && seeds.is_none();
+        let client =
+            Client::open(&config.url, seeds, resp3).map_err(|err| invalid(err.to_string()))?;
         // Redis numbers its databases with an int; a bigger index can never be selected,
         // and would otherwise look like an outage that reconnects forever.
         let db = client.db();
@@ -155,6 +165,9 @@ impl RedisStore {
             policy_checked: std::sync::atomic::AtomicBool::new(false),
             eviction_policy: Mutex::new(None),
             slot_map: Mutex::new(None),
+            listener: Mutex::new(None),
+            invalidated_by: Mutex::new(Invalidated::Pending),
+            tracked_in: AtomicU64::new(0),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -192,10 +205,25 @@ impl RedisStore {
         self.client.is_cluster()
     }
 
+    /// The URL as given, password included (for other tenuto objects sharing this Redis;
+    /// never for logs or display, which use `display_url`).
+    pub fn connection_url(&self) -> &str {
+        &self.config.url
+    }
+
     async fn connect(&self) -> Result<Conn, String> {
+        let push = self.config.tracking_prefix.as_ref().map(|_| {
+            let me = self.me.clone();
+            Arc::new(move |info: redis::PushInfo| {
+                if let Some(store) = me.upgrade() {
+                    store.on_push(info);
+                }
+            }) as super::conn::PushHandler
+        });
         let attempt = self.client.connect(
             self.config.connect_timeout,
             Some(self.config.command_timeout),
+            push,
         );
         // `connect_timeout` bounds each TCP connect; a cluster connection also asks for the
         // slot map and connects to every primary, so it gets a few of them.
@@ -234,6 +262,7 @@ impl RedisStore {
                     (state.conn.get_or_insert(conn).clone(), state.generation)
                 };
                 self.check_eviction_policy(conn.0.clone());
+                self.start_tracking(conn.0.clone()).await;
                 Ok(conn)
             }
             Err(reason) => {
@@ -245,6 +274,83 @@ impl RedisStore {
 
     /// Marks the store down after a failure on connection `generation`; a failure on an
     /// older connection than the current one is that command's alone.
+    /// On a new shared connection: asks a single server to push invalidations of the
+    /// local tier's keys (broadcast mode on the namespace prefix; NOLOOP: not our own
+    /// writes), and flushes the tier, which may have missed some while disconnected.
+    async fn start_tracking(&self, mut conn: Conn) {
+        let Some(prefix) = &self.config.tracking_prefix else {
+            return;
+        };
+        let by = if self.is_cluster() {
+            Invalidated::ByTtlOnly
+        } else {
+            let mut tracking = redis::cmd("CLIENT");
+            tracking
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("BCAST")
+                .arg("PREFIX")
+                .arg(prefix)
+                .arg("NOLOOP");
+            let reply = tokio::time::timeout(
+                self.config.command_timeout,
+                tracking.query_async::<()>(&mut conn),
+            )
+            .await;
+            match reply {
+                Ok(Ok(())) => Invalidated::ByServer,
+                Ok(Err(err)) => {
+                    log::debug!(target: "tenuto::cache", "CLIENT TRACKING refused: {err}");
+                    Invalidated::ByTtlOnly
+                }
+                Err(_) => Invalidated::ByTtlOnly,
+            }
+        };
+        let before = std::mem::replace(&mut *crate::sync::lock(&self.invalidated_by), by);
+        if by == Invalidated::ByTtlOnly && before != Invalidated::ByTtlOnly {
+            log::warn!(
+                target: "tenuto::cache",
+                "Redis at {} does not push invalidations to this client{}: the local tier \
+                 serves each copy for local_ttl at most, and other processes' writes show \
+                 only after that",
+                self.display_url,
+                if self.is_cluster() { " (a cluster)" } else { "" }
+            );
+        }
+        // The first connection in a process has nothing to catch up on (a forked child's
+        // tier drops the parent's copies itself); later ones may have missed pushes.
+        let epoch = runtime::fork_epoch() + 1;
+        if self.tracked_in.swap(epoch, Ordering::AcqRel) == epoch {
+            self.notify(Invalidation::All);
+        }
+    }
+
+    fn notify(&self, what: Invalidation) {
+        let listener = crate::sync::lock(&self.listener).clone();
+        if let Some(listener) = listener {
+            listener(what);
+        }
+    }
+
+    /// What the server pushed on the shared connection.
+    fn on_push(&self, info: redis::PushInfo) {
+        match info.kind {
+            redis::PushKind::Invalidate => {
+                let what = match info.data.into_iter().next() {
+                    Some(redis::Value::Array(keys)) => Invalidation::Keys(
+                        keys.into_iter()
+                            .filter_map(|k| redis::from_redis_value::<Vec<u8>>(k).ok())
+                            .collect(),
+                    ),
+                    _ => Invalidation::All, // nil: the server flushed
+                };
+                self.notify(what);
+            }
+            redis::PushKind::Disconnection => self.notify(Invalidation::All),
+            _ => {}
+        }
+    }
+
     fn mark_down(&self, generation: u64, reason: String) {
         let first = {
             let mut state = self.lock();
@@ -776,6 +882,37 @@ impl RedisStore {
         .await
     }
 
+    /// The finishing script alone: writes the value (if any), releases the lock, wakes
+    /// the waiters.
+    async fn finish_script(
+        &self,
+        keys: &FlightKeys,
+        write: Option<(Vec<u8>, u64)>,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let script = finish_script_text();
+        let (flag, value, seconds) = match write {
+            Some((value, seconds)) => ("1", value, seconds),
+            None => ("0", Vec::new(), 0),
+        };
+        self.run(|mut conn| async move {
+            script
+                .key(&keys.value)
+                .key(&keys.lock)
+                .key(&keys.waiters)
+                .key(&keys.done)
+                .arg(token)
+                .arg(flag)
+                .arg(value)
+                .arg(seconds)
+                .arg(WAKE_LIST_MS)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Reads the server's `maxmemory-policy` once per process, in the background. Under an
     /// `allkeys-*` policy Redis may evict limiter, breaker and lock keys like any cache
     /// entry (a limiter then forgets what it admitted): one warning says so, and `stats()`
@@ -791,8 +928,10 @@ impl RedisStore {
         runtime::handle().spawn(async move {
             let mut config_get = redis::cmd("CONFIG");
             config_get.arg("GET").arg("maxmemory-policy");
-            let reply: Result<Vec<String>, _> = config_get.query_async(&mut conn).await;
-            let Some(policy) = reply.ok().and_then(|r| r.into_iter().nth(1)) else {
+            // A map in RESP3, pairs in RESP2: both read as one.
+            let reply: Result<std::collections::HashMap<String, String>, _> =
+                config_get.query_async(&mut conn).await;
+            let Some(policy) = reply.ok().and_then(|r| r.into_values().next()) else {
                 return;
             };
             if policy.starts_with("allkeys-") {
@@ -838,7 +977,7 @@ impl RedisStore {
         if let Some(conn) = self.take_blocking() {
             return Ok(conn);
         }
-        let attempt = self.client.connect(self.config.connect_timeout, None);
+        let attempt = self.client.connect(self.config.connect_timeout, None, None);
         let budget = if self.is_cluster() {
             self.config.connect_timeout * CLUSTER_CONNECT_STEPS
         } else {
@@ -866,6 +1005,11 @@ fn script(cell: &'static std::sync::OnceLock<redis::Script>, text: &str) -> &'st
     cell.get_or_init(|| redis::Script::new(text))
 }
 
+fn finish_script_text() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    script(&SCRIPT, include_str!("scripts/finish.lua"))
+}
+
 impl Remote for RedisStore {
     fn is_down(&self) -> bool {
         RedisStore::is_down(self)
@@ -877,6 +1021,14 @@ impl Remote for RedisStore {
 
     fn outages(&self) -> u64 {
         self.outages.load(Ordering::Relaxed)
+    }
+
+    fn watch(&self, listener: Listener) {
+        *crate::sync::lock(&self.listener) = Some(listener);
+    }
+
+    fn invalidated_by(&self) -> Invalidated {
+        *crate::sync::lock(&self.invalidated_by)
     }
 
     async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
@@ -963,28 +1115,49 @@ impl Remote for RedisStore {
         write: Option<(Vec<u8>, u64)>,
         token: &str,
     ) -> Result<(), StoreError> {
-        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-        let script = script(&SCRIPT, include_str!("scripts/finish.lua"));
-        let (flag, value, seconds) = match write {
-            Some((value, seconds)) => ("1", value, seconds),
-            None => ("0", Vec::new(), 0),
-        };
-        self.run(|mut conn| async move {
-            script
-                .key(&keys.value)
-                .key(&keys.lock)
-                .key(&keys.waiters)
-                .key(&keys.done)
-                .arg(token)
-                .arg(flag)
-                .arg(value)
-                .arg(seconds)
-                .arg(WAKE_LIST_MS)
-                .invoke_async::<i64>(&mut conn)
-                .await
-        })
-        .await
-        .map(|_| ())
+        let script = finish_script_text();
+        if self.config.tracking_prefix.is_some() {
+            if let Some((value, seconds)) = write {
+                // With a local tier the value goes in a plain SET, pipelined before the
+                // script: Redis 7.0 echoes a script's writes back to the writer despite
+                // NOLOOP, which would drop this process's fresh local copy.
+                let pipelined = self
+                    .run(|mut conn| async move {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("SET")
+                            .arg(&keys.value)
+                            .arg(value)
+                            .arg("EX")
+                            .arg(seconds)
+                            .ignore();
+                        pipe.cmd("EVALSHA")
+                            .arg(script.get_hash())
+                            .arg(4)
+                            .arg(&keys.value)
+                            .arg(&keys.lock)
+                            .arg(&keys.waiters)
+                            .arg(&keys.done)
+                            .arg(token)
+                            .arg("0")
+                            .arg("")
+                            .arg(0)
+                            .arg(WAKE_LIST_MS)
+                            .ignore();
+                        pipe.query_async::<()>(&mut conn).await
+                    })
+                    .await;
+                return match pipelined {
+                    // The script was not loaded yet: the SET is done; release and wake.
+                    Err(StoreError::Command(msg))
+                        if msg.to_ascii_uppercase().contains("NOSCRIPT") =>
+                    {
+                        self.finish_script(keys, None, token).await
+                    }
+                    other => other,
+                };
+            }
+        }
+        self.finish_script(keys, write, token).await
     }
 
     async fn wait_done(&self, keys: &FlightKeys, timeout: Duration) -> Result<bool, StoreError> {
@@ -1077,6 +1250,8 @@ async fn reconnect_loop(store: Weak<RedisStore>) {
         };
         match attempt {
             Ok(conn) => {
+                // Tracking (and the local tier's flush) before anyone reads through it.
+                store.start_tracking(conn.clone()).await;
                 {
                     let mut state = store.lock();
                     state.conn = Some(conn);
@@ -1123,6 +1298,7 @@ mod tests {
             url: format!("redis://127.0.0.1:{port}"),
             connect_timeout: Duration::from_millis(200),
             command_timeout: Duration::from_millis(500),
+            tracking_prefix: None,
         })
         .unwrap();
         let result = runtime::block_on(store.get("k".into()));

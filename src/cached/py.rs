@@ -11,7 +11,9 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
-use pyo3::{ffi, intern};
+#[cfg(not(Py_LIMITED_API))]
+use pyo3::ffi;
+use pyo3::intern;
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use crate::codec::py::{write_value, CANONICAL};
 use crate::codec::write_json_str;
 use crate::graveyard::release_pending;
 use crate::key::key_from_json;
+use crate::pytext::str_of;
 use crate::runtime::py::Ready;
 
 type PyTicketInner = Ticket<PyObj, RedisStore>;
@@ -84,6 +87,14 @@ pub fn request_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     .map(|v| v.bind(py))
 }
 
+#[cfg(Py_LIMITED_API)]
+fn current_request(py: Python<'_>) -> PyResult<Option<Bound<'_, PyRequestState>>> {
+    // The limited API has no PyContextVar_Get: ask the ContextVar itself.
+    let value = request_var(py)?.call_method1(intern!(py, "get"), (py.None(),))?;
+    Ok(value.cast_into::<PyRequestState>().ok())
+}
+
+#[cfg(not(Py_LIMITED_API))]
 fn current_request(py: Python<'_>) -> PyResult<Option<Bound<'_, PyRequestState>>> {
     let var = request_var(py)?;
     let mut value: *mut ffi::PyObject = std::ptr::null_mut();
@@ -205,6 +216,22 @@ fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
 }
 
 impl PyCachedCall {
+    /// A fresh hit answered here, with the GIL held: no thread hop, no Python frame.
+    fn serve_hit(&self, py: Python<'_>, entry: &Arc<Entry<PyObj>>) -> PyResult<Py<PyAny>> {
+        self.cache.engine.count_hit();
+        record_state(py, State::Hit)?;
+        let mut value = entry.value.get().clone_ref(py);
+        release_pending(py);
+        if self.isolated {
+            value = deepcopy(value.bind(py))?.unbind();
+        }
+        if self.is_async {
+            Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
+        } else {
+            Ok(value)
+        }
+    }
+
     fn canonical_of(
         &self,
         py: Python<'_>,
@@ -227,7 +254,7 @@ impl PyCachedCall {
             Keyer::Custom(f) => {
                 let chosen = f.bind(py).call(args, kwargs)?;
                 match chosen.cast::<PyString>() {
-                    Ok(s) => Ok(Identity::Key(s.to_str()?.to_owned())),
+                    Ok(s) => Ok(Identity::Key(str_of(s)?.into_owned())),
                     Err(_) => self.canonical_of(py, &chosen, "the value returned by key="),
                 }
             }
@@ -328,7 +355,7 @@ impl PyCachedCall {
         }
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs.iter() {
-                let k_str = k.cast::<PyString>()?.to_str()?;
+                let k_str = str_of(k.cast::<PyString>()?)?;
                 let Some(i) = params.iter().position(|p| p.keyword && p.name == k_str) else {
                     return Err(PyTypeError::new_err(format!(
                         "{name}() got an unexpected keyword argument {k_str:?}"
@@ -655,22 +682,17 @@ impl PyCachedCall {
             }
             if let Some(entry) = &entry {
                 if entry.times.state(engine.now()) == State::Hit {
-                    engine.count_hit();
-                    record_state(py, State::Hit)?;
-                    let mut value = entry.value.get().clone_ref(py);
-                    release_pending(py);
-                    if this.isolated {
-                        value = deepcopy(value.bind(py))?.unbind();
-                    }
-                    return if this.is_async {
-                        Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
-                    } else {
-                        Ok(value)
-                    };
+                    return this.serve_hit(py, entry);
                 }
             }
-        } else if !known {
-            this.remember(identity, Arc::clone(&key), None, 0);
+        } else {
+            if !known {
+                this.remember(identity, Arc::clone(&key), None, 0);
+            }
+            // A local tier in front of Redis: a fresh copy is served here too.
+            if let Some(copy) = engine.has_local().then(|| engine.local_hit(&key)).flatten() {
+                return this.serve_hit(py, &copy);
+            }
         }
         let entry_seen = entry;
         if this.is_async {
@@ -685,6 +707,25 @@ impl PyCachedCall {
         drop(served);
         release_pending(py);
         value
+    }
+
+    /// This function's upstream calls (loads and refreshes) for metrics: `ok`, `errors`,
+    /// and their durations as cumulative `buckets` of (upper bound in seconds, count),
+    /// `count` and `sum`.
+    fn _upstream_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let upstream = &self.policy.upstream;
+        let seconds = upstream.seconds.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("name", &self.name)?;
+        d.set_item("ok", upstream.ok.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item(
+            "errors",
+            upstream.errors.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        d.set_item("buckets", seconds.cumulative)?;
+        d.set_item("count", seconds.count)?;
+        d.set_item("sum", seconds.sum_secs)?;
+        Ok(d)
     }
 
     /// A sync call through the cache, answered as a `Lookup` (`force`: load even when a

@@ -15,6 +15,7 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use super::{write_json_str, write_json_utf16_ascii, write_python_float};
+use crate::pytext::str_of;
 
 /// serde_json refuses documents nested deeper than this; the writer keeps to the same bound.
 const MAX_DEPTH: usize = 127;
@@ -67,9 +68,9 @@ pub fn to_json_checked(obj: &Bound<'_, PyAny>) -> PyResult<(String, bool)> {
 }
 
 fn write_str(out: &mut String, s: &Bound<'_, PyString>, dialect: JsonDialect) -> PyResult<()> {
-    match s.to_str() {
+    match str_of(s) {
         Ok(text) => {
-            write_json_str(out, text, dialect.ensure_ascii);
+            write_json_str(out, &text, dialect.ensure_ascii);
             Ok(())
         }
         // Lone surrogates: not UTF-8, but Python's ensure_ascii output escapes them.
@@ -99,7 +100,7 @@ fn write_int(out: &mut String, obj: &Bound<'_, PyAny>) -> PyResult<()> {
                 .get_type::<PyInt>()
                 .getattr("__repr__")?
                 .call1((obj,))?;
-            out.push_str(repr.cast::<PyString>()?.to_str()?);
+            out.push_str(&str_of(repr.cast::<PyString>()?)?);
         }
     }
     Ok(())
@@ -115,7 +116,7 @@ fn write_float(py: Python<'_>, out: &mut String, x: f64, dialect: JsonDialect) -
         // Keys must match Python byte for byte, and when two shortest decimals are equally
         // close (562949953421312.25 → "…312.2" or "…312.3") Python and Rust break the tie
         // differently (found by hypothesis). Python's own repr is the only exact answer.
-        out.push_str(PyFloat::new(py, x).repr()?.to_str()?);
+        out.push_str(&str_of(&PyFloat::new(py, x).repr()?)?);
     } else {
         write_python_float(out, x);
     }
@@ -161,11 +162,11 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn utf8_of<'a>(obj: &'a Bound<'_, PyAny>) -> &'a str {
+fn utf8_of<'a>(obj: &'a Bound<'_, PyAny>) -> Cow<'a, str> {
     obj.cast::<PyString>()
         .ok()
-        .and_then(|s| s.to_str().ok())
-        .unwrap_or("")
+        .and_then(|s| str_of(s).ok())
+        .unwrap_or(Cow::Borrowed(""))
 }
 
 fn write_dict(
@@ -178,12 +179,12 @@ fn write_dict(
     if dialect.sort_keys && items.len() > 1 {
         let all_utf8_str = items.iter().all(|(k, _)| {
             k.cast::<PyString>()
-                .map(|s| s.to_str().is_ok())
+                .map(|s| str_of(s).is_ok())
                 .unwrap_or(false)
         });
         if all_utf8_str {
             // UTF-8 byte order is code point order, which is how Python compares str.
-            items.sort_by(|(a, _), (b, _)| utf8_of(a).cmp(utf8_of(b)));
+            items.sort_by(|(a, _), (b, _)| utf8_of(a).cmp(&utf8_of(b)));
         } else {
             // Mixed or exotic keys: let Python compare them (and raise TypeError as json does).
             let keys = PyList::new(dict.py(), items.iter().map(|(k, _)| k))?;

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyFrozenSet, PyInt, PyMapping, PyString};
 
 use super::Range;
+use crate::pytext::str_of;
 
 struct Field {
     name: Py<PyString>,
@@ -246,7 +247,7 @@ impl PyDefaults {
                 .map_err(|_| PyTypeError::new_err("field names must be str"))?;
             let range = match &ranges {
                 Some(r) if r.contains(&name)? => {
-                    Some(range_of(name.to_str()?, &r.get_item(&name)?)?)
+                    Some(range_of(&str_of(&name)?, &r.get_item(&name)?)?)
                 }
                 _ => None,
             };

@@ -238,10 +238,10 @@ impl PyRateLimiter {
         let (max_concurrency, burst, max_keys) =
             (max_concurrency.map(|c| c.0), burst.map(|b| b.0), max_keys.0);
         let shared = shared_store(url, "limiter")?;
-        let rate_text: &str = rate
+        let rate_text: String = rate
             .extract()
             .map_err(|_| PyTypeError::new_err("rate must be a str such as \"80/minute\""))?;
-        let rate = Rate::parse(rate_text)?;
+        let rate = Rate::parse(&rate_text)?;
         let burst = match burst {
             None => 1,
             Some(b) if b >= 1 && b <= i64::from(rate.count) => b as u32,
@@ -802,6 +802,7 @@ fn shared_store(url: Option<&str>, what: &str) -> PyResult<Option<Arc<RedisStore
         url: url.to_owned(),
         connect_timeout: std::time::Duration::from_millis(250),
         command_timeout: std::time::Duration::from_secs(1),
+        tracking_prefix: None,
     })?))
 }
 

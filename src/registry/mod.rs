@@ -25,12 +25,26 @@ pub enum Table {
     Missing,
 }
 
+/// How records are written. Both are read whatever is chosen, so a deployment can mix
+/// processes writing either (a record is told apart by its first byte).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RecordFormat {
+    /// A JSON object (the wire format other languages read).
+    #[default]
+    Json,
+    /// A pickled plain dict, as host apps that `pickle.dumps` their records store them.
+    /// Written and read in Rust as data only: no Python object is ever unpickled, so a
+    /// record cannot run code.
+    Pickle,
+}
+
 /// How the registry names its keys, below the cache namespace.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub name: String,
     pub source_field: String,
     pub target_field: String,
+    pub format: RecordFormat,
 }
 
 impl Layout {
@@ -55,8 +69,31 @@ impl Layout {
     }
 
     /// `{source_field: src, target_field: dst, "validated_at": at}`, stored under both
-    /// `validated:{src}` and `reverse:{dst}`.
-    pub fn validated_record(&self, src: &str, dst: &str, at: &str) -> String {
+    /// `validated:{src}` and `reverse:{dst}`, in the layout's format.
+    pub fn validated_record(&self, src: &str, dst: &str, at: &str) -> Vec<u8> {
+        match self.format {
+            RecordFormat::Json => self.validated_json(src, dst, at).into_bytes(),
+            RecordFormat::Pickle => pickled(&[
+                (&self.source_field, src),
+                (&self.target_field, dst),
+                ("validated_at", at),
+            ]),
+        }
+    }
+
+    /// `{source_field: src, "marked_at": at, "reason": reason}`, in the layout's format.
+    pub fn missing_record(&self, src: &str, at: &str, reason: &str) -> Vec<u8> {
+        match self.format {
+            RecordFormat::Json => self.missing_json(src, at, reason).into_bytes(),
+            RecordFormat::Pickle => pickled(&[
+                (&self.source_field, src),
+                ("marked_at", at),
+                ("reason", reason),
+            ]),
+        }
+    }
+
+    fn validated_json(&self, src: &str, dst: &str, at: &str) -> String {
         let mut out = String::with_capacity(96 + src.len() + dst.len());
         out.push('{');
         push_field(&mut out, &self.source_field, src);
@@ -68,8 +105,7 @@ impl Layout {
         out
     }
 
-    /// `{source_field: src, "marked_at": at, "reason": reason}`.
-    pub fn missing_record(&self, src: &str, at: &str, reason: &str) -> String {
+    fn missing_json(&self, src: &str, at: &str, reason: &str) -> String {
         let mut out = String::with_capacity(96 + src.len() + reason.len());
         out.push('{');
         push_field(&mut out, &self.source_field, src);
@@ -129,6 +165,24 @@ impl Layout {
             _ => None,
         }
     }
+}
+
+/// A plain dict of strings, pickled (protocol 3: every Python 3 reads it).
+fn pickled(fields: &[(&str, &str)]) -> Vec<u8> {
+    let dict = fields
+        .iter()
+        .map(|(k, v)| {
+            (
+                serde_pickle::HashableValue::String((*k).to_owned()),
+                serde_pickle::Value::String((*v).to_owned()),
+            )
+        })
+        .collect();
+    serde_pickle::value_to_vec(
+        &serde_pickle::Value::Dict(dict),
+        serde_pickle::SerOptions::new(),
+    )
+    .unwrap_or_default()
 }
 
 fn push_field(out: &mut String, name: &str, value: &str) {
@@ -261,9 +315,26 @@ pub enum Field {
 }
 
 pub fn field_of(record: &[u8], field: &str) -> Field {
+    // Pickle protocol 2+ starts with the PROTO opcode; JSON never does.
+    if record.first() == Some(&0x80) {
+        return pickled_field(record, field);
+    }
     match serde_json::from_slice::<Value>(record) {
         Ok(Value::Object(map)) => match map.get(field) {
             Some(Value::String(s)) => Field::Str(s.clone()),
+            _ => Field::Absent,
+        },
+        _ => Field::Corrupt,
+    }
+}
+
+/// A field of a pickled dict, read as data: globals (classes, functions) are refused, so
+/// nothing a record holds can run.
+fn pickled_field(record: &[u8], field: &str) -> Field {
+    use serde_pickle::{HashableValue, Value as Pickled};
+    match serde_pickle::value_from_slice(record, serde_pickle::DeOptions::new()) {
+        Ok(Pickled::Dict(map)) => match map.get(&HashableValue::String(field.to_owned())) {
+            Some(Pickled::String(s)) => Field::Str(s.clone()),
             _ => Field::Absent,
         },
         _ => Field::Corrupt,
@@ -302,7 +373,27 @@ mod tests {
             name: "reccobeat".into(),
             source_field: "spotify_id".into(),
             target_field: "reccobeat_id".into(),
+            format: RecordFormat::Json,
         }
+    }
+
+    #[test]
+    fn pickled_records_both_ways() {
+        let l = Layout {
+            format: RecordFormat::Pickle,
+            ..layout()
+        };
+        let rec = l.validated_record("s1", "r1", "2026-01-01T00:00:00.123456+00:00");
+        assert_eq!(rec[0], 0x80, "a pickle");
+        assert_eq!(field_of(&rec, "reccobeat_id"), Field::Str("r1".into()));
+        assert_eq!(field_of(&rec, "spotify_id"), Field::Str("s1".into()));
+        // pickle.dumps({"spotify_id": "s", "reccobeat_id": "r"}, protocol=4)
+        let host: &[u8] = b"\x80\x04\x95)\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\nspotify_id\x94\x8c\x01s\x94\x8c\x0creccobeat_id\x94\x8c\x01r\x94u.";
+        assert_eq!(field_of(host, "reccobeat_id"), Field::Str("r".into()));
+        // pickle.dumps(os.system) names a global: refused, never resolved.
+        let global: &[u8] = b"\x80\x04\x95\x14\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.";
+        assert_eq!(field_of(global, "x"), Field::Corrupt);
+        assert_eq!(field_of(b"\x80\x04garbage", "x"), Field::Corrupt);
     }
 
     #[test]
@@ -314,19 +405,16 @@ mod tests {
         let rec = l.validated_record("s1", "r\"1", "2026-01-01T00:00:00+00:00");
         assert_eq!(
             rec,
-            r#"{"spotify_id":"s1","reccobeat_id":"r\"1","validated_at":"2026-01-01T00:00:00+00:00"}"#
+            br#"{"spotify_id":"s1","reccobeat_id":"r\"1","validated_at":"2026-01-01T00:00:00+00:00"}"#
         );
-        assert_eq!(
-            field_of(rec.as_bytes(), "reccobeat_id"),
-            Field::Str("r\"1".into())
-        );
-        assert_eq!(field_of(rec.as_bytes(), "nope"), Field::Absent);
+        assert_eq!(field_of(&rec, "reccobeat_id"), Field::Str("r\"1".into()));
+        assert_eq!(field_of(&rec, "nope"), Field::Absent);
         assert_eq!(field_of(b"[1]", "x"), Field::Corrupt);
         assert_eq!(field_of(b"\xff", "x"), Field::Corrupt);
         let missing = l.missing_record("s1", "t", "not found");
         assert_eq!(
             missing,
-            r#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
+            br#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
         );
     }
 
@@ -410,15 +498,11 @@ mod tests {
         );
         let record = layout.validated_record("s", "d", "now");
         assert_eq!(
-            layout
-                .names_in(Table::Validated, record.as_bytes())
-                .as_deref(),
+            layout.names_in(Table::Validated, &record).as_deref(),
             Some("d")
         );
         assert_eq!(
-            layout
-                .names_in(Table::Reverse, record.as_bytes())
-                .as_deref(),
+            layout.names_in(Table::Reverse, &record).as_deref(),
             Some("s")
         );
         assert_eq!(layout.names_in(Table::Validated, b"not json"), None);

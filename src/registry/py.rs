@@ -9,9 +9,12 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySet, PyString, PyTuple};
 
-use super::{field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, Table, CHUNK};
+use super::{
+    field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, RecordFormat, Table, CHUNK,
+};
 use crate::cache::py::{CacheBinding, PyCache};
 use crate::cache::redis::{RedisStore, StoreError};
+use crate::pytext::str_of;
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
 
 /// A record as read: JSON bytes from Redis, or (from memory) the ID it names.
@@ -30,7 +33,7 @@ struct RecordWrite {
     table: Table,
     id: String,
     names: String,
-    json: String,
+    record: Vec<u8>,
     ttl: u64,
 }
 
@@ -77,13 +80,11 @@ struct Registry {
 }
 
 /// IDs must be non-empty str; checked before anything is read or written.
-fn id_of<'a>(what: &str, obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
-    let s = obj
-        .cast::<PyString>()
-        .map_err(|_| {
-            PyTypeError::new_err(format!("{what} IDs must be str, not {}", type_name(obj)))
-        })?
-        .to_str()?;
+fn id_of(what: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    let s = str_of(obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!("{what} IDs must be str, not {}", type_name(obj)))
+    })?)?
+    .into_owned();
     if s.is_empty() {
         return Err(PyValueError::new_err(format!(
             "{what} IDs must not be empty"
@@ -123,7 +124,7 @@ fn ids_of(what: &str, ids: &Bound<'_, PyAny>) -> PyResult<Ids> {
     let (mut text, mut objects) = (Vec::new(), Vec::new());
     for id in ids.try_iter()? {
         let id = id?;
-        text.push(id_of(what, &id)?.to_owned());
+        text.push(id_of(what, &id)?);
         objects.push(id.cast_into::<PyString>()?.unbind());
     }
     Ok(Ids { text, objects })
@@ -142,10 +143,7 @@ fn pairs_of(pairs: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
                 item.extract().map_err(|_| {
                     PyTypeError::new_err("pairs must be a mapping {src: dst} or (src, dst) tuples")
                 })?;
-            Ok((
-                id_of("source", &src)?.to_owned(),
-                id_of("target", &dst)?.to_owned(),
-            ))
+            Ok((id_of("source", &src)?, id_of("target", &dst)?))
         })
         .collect()
 }
@@ -272,7 +270,7 @@ impl Registry {
             .map(|w| {
                 (
                     self.cache.redis_key(&self.layout.key(w.table, &w.id)),
-                    w.json.clone().into_bytes(),
+                    w.record.clone(),
                     w.ttl,
                 )
             })
@@ -284,20 +282,20 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for (src, dst) in pairs {
-            let json = self.layout.validated_record(src, dst, &at);
+            let record = self.layout.validated_record(src, dst, &at);
             let ttl = self.validated_ttl;
             writes.sets.push(RecordWrite {
                 table: Table::Validated,
                 id: src.clone(),
                 names: dst.clone(),
-                json: json.clone(),
+                record: record.clone(),
                 ttl,
             });
             writes.sets.push(RecordWrite {
                 table: Table::Reverse,
                 id: dst.clone(),
                 names: src.clone(),
-                json,
+                record,
                 ttl,
             });
             writes.deletes.push((Table::Missing, src.clone()));
@@ -309,12 +307,12 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for src in ids {
-            let json = self.layout.missing_record(src, &at, reason);
+            let record = self.layout.missing_record(src, &at, reason);
             writes.sets.push(RecordWrite {
                 table: Table::Missing,
                 id: src.clone(),
                 names: reason.to_owned(),
-                json,
+                record,
                 ttl: self.missing_ttl,
             });
         }
@@ -522,16 +520,33 @@ impl PyIdRegistry {
     #[new]
     #[pyo3(signature = (
         cache, name = "reccobeat", source_field = "spotify_id", target_field = "reccobeat_id",
-        validated_ttl = 15_552_000.0, missing_ttl = 1_209_600.0  // 180 and 14 days
-    ))]
+        validated_ttl = None, missing_ttl = None, *, record_format = "json"
+    ), text_signature = "(cache, name='reccobeat', source_field='spotify_id', target_field='reccobeat_id', validated_ttl=15552000.0, missing_ttl=1209600.0, *, record_format='json')")]
     fn new(
         cache: &Bound<'_, PyCache>,
         name: &str,
         source_field: &str,
         target_field: &str,
-        validated_ttl: f64,
-        missing_ttl: f64,
+        validated_ttl: Option<&Bound<'_, PyAny>>,
+        missing_ttl: Option<&Bound<'_, PyAny>>,
+        record_format: &str,
     ) -> PyResult<Self> {
+        let format = match record_format {
+            "json" => RecordFormat::Json,
+            "pickle" => RecordFormat::Pickle,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "record_format must be \"json\" or \"pickle\", got {other:?}"
+                )))
+            }
+        };
+        // Seconds, timedeltas or "180d"; the defaults are 180 and 14 days.
+        let days = |name: &str, value: Option<&Bound<'_, PyAny>>, default_days: f64| match value {
+            Some(v) if !v.is_none() => crate::cache::py::seconds_arg(name, v),
+            _ => Ok(default_days * 86_400.0),
+        };
+        let validated_ttl = days("validated_ttl", validated_ttl, 180.0)?;
+        let missing_ttl = days("missing_ttl", missing_ttl, 14.0)?;
         for (what, value) in [
             ("name", name),
             ("source_field", source_field),
@@ -553,6 +568,7 @@ impl PyIdRegistry {
                     name: name.to_owned(),
                     source_field: source_field.to_owned(),
                     target_field: target_field.to_owned(),
+                    format,
                 },
                 validated_ttl: ttl_arg("validated_ttl", validated_ttl)?,
                 missing_ttl: ttl_arg("missing_ttl", missing_ttl)?,
@@ -583,10 +599,7 @@ impl PyIdRegistry {
         src: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let pair = vec![(
-            id_of("source", src)?.to_owned(),
-            id_of("target", dst)?.to_owned(),
-        )];
+        let pair = vec![(id_of("source", src)?, id_of("target", dst)?)];
         let writes = self.inner.validated_writes(py, &pair)?;
         self.write(py, writes)?;
         bump(&self.inner.counters.marked_validated, 1);
@@ -601,7 +614,7 @@ impl PyIdRegistry {
         src: &Bound<'_, PyAny>,
         reason: Option<&str>,
     ) -> PyResult<()> {
-        let ids = vec![id_of("source", src)?.to_owned()];
+        let ids = vec![id_of("source", src)?];
         let writes = self
             .inner
             .missing_writes(py, &ids, reason.unwrap_or("not found"))?;
@@ -613,10 +626,7 @@ impl PyIdRegistry {
     /// The target ID recorded for `src`, or None.
     fn get(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(
-            py,
-            vec![(Table::Validated, id_of("source", src)?.to_owned())],
-        )?;
+        let reads = self.read(py, vec![(Table::Validated, id_of("source", src)?)])?;
         let found = reads
             .into_iter()
             .next()
@@ -636,7 +646,7 @@ impl PyIdRegistry {
     /// The source ID recorded for target `dst`, or None.
     fn reverse(&self, py: Python<'_>, dst: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![(Table::Reverse, id_of("target", dst)?.to_owned())])?;
+        let reads = self.read(py, vec![(Table::Reverse, id_of("target", dst)?)])?;
         let found = reads
             .into_iter()
             .next()
@@ -655,7 +665,7 @@ impl PyIdRegistry {
 
     fn is_missing(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<bool> {
         let reg = &self.inner;
-        let reads = self.read(py, vec![(Table::Missing, id_of("source", src)?.to_owned())])?;
+        let reads = self.read(py, vec![(Table::Missing, id_of("source", src)?)])?;
         let missing = reads
             .into_iter()
             .next()
@@ -675,7 +685,7 @@ impl PyIdRegistry {
     /// Forgets everything about `src`: its mapping (both directions) and missing mark.
     fn forget(&self, py: Python<'_>, src: &Bound<'_, PyAny>) -> PyResult<()> {
         let reg = &self.inner;
-        let src = id_of("source", src)?.to_owned();
+        let src = id_of("source", src)?;
         let reads = self.read(py, vec![(Table::Validated, src.clone())])?;
         let dst = reads
             .into_iter()

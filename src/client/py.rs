@@ -844,8 +844,8 @@ impl PyClient {
         let py = slf.py();
         let this = slf.get();
         let Some(ttl) = ttl.filter(|t| !t.is_none()) else {
-            let path: &str = path.extract()?;
-            return this._json(py, "GET", path, params, headers, None, timeout, deadline);
+            let path: String = path.extract()?;
+            return this._json(py, "GET", &path, params, headers, None, timeout, deadline);
         };
         let none = py.None().into_bound(py);
         let params = params.unwrap_or(&none);

@@ -60,6 +60,11 @@ PEERS = [
     "aiolimiter",
     "orjson",
     "prometheus_client",
+    # The upstream client's peers, and the server its benchmark calls.
+    "aiohttp",
+    "httpx",
+    "requests",
+    "uvicorn",
 ]
 
 
@@ -164,3 +169,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benches/bench_registry.py", *session.posargs)
     session.run("python", "benches/bench_limits.py", *session.posargs)
     session.run("python", "benches/bench_engine.py", *session.posargs)
+    session.run("python", "benches/bench_client.py", *session.posargs)

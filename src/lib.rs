@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod cached;
+pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod defaults;
@@ -34,6 +35,8 @@ mod _core {
     use crate::cached::py::{
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,
     };
+    #[pymodule_export]
+    use crate::client::py::{InvalidJSON, PyClient, PyResponse, UpstreamError, UpstreamTimeout};
     #[pymodule_export]
     use crate::clock::py::PyFakeClock;
     #[pymodule_export]

@@ -85,3 +85,22 @@ def prewarm(cache: tenuto.Cache) -> dict[str, object]:
     removed: int = cache.clear(prefix="trending")
     print(job, ran, warmer.snapshot()[job]["last_run"], stopped, removed, cache.count())
     return report
+
+
+async def client(cache: tenuto.Cache) -> int:
+    api = tenuto.Client(
+        "https://api.example.com/v1",
+        headers={"Authorization": "Bearer x"},
+        limiter=tenuto.RateLimiter("80/minute"),
+        breaker=tenuto.CircuitBreaker(),
+        cache=cache,
+    )
+    data: object = api.get_json("tracks", params={"ids": "a"}, ttl=60)
+    posted: object = await api.apost_json("recommend", json={"seeds": ["a"]})
+    response: tenuto.Response = await api.arequest("GET", "tracks", timeout=5.0)
+    try:
+        api.post_json("x", json=[1])
+    except tenuto.UpstreamError as err:
+        print(err.status, err.url, err.body)
+    print(data, posted, response.json(), api.stats()["requests"])
+    return response.status

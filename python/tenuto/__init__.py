@@ -6,13 +6,18 @@ The public names live here; ``tenuto._core`` is the native module behind them.
 """
 
 from tenuto._cached import Backoff
+from tenuto._client import Client
 from tenuto._core import (
     BackendError,
     BackendUnavailable,
     Cache,
     Envelope,
+    InvalidJSON,
     Lookup,
+    Response,
     TenutoError,
+    UpstreamError,
+    UpstreamTimeout,
     __version__,
     stable_key,
 )
@@ -33,9 +38,11 @@ __all__ = [
     "CancelToken",
     "CircuitBreaker",
     "CircuitOpen",
+    "Client",
     "Defaults",
     "Envelope",
     "IdRegistry",
+    "InvalidJSON",
     "Lookup",
     "Prewarmer",
     "Range",
@@ -43,8 +50,11 @@ __all__ = [
     "RateLimiter",
     "RequestState",
     "ResolveError",
+    "Response",
     "SingleFlight",
     "TenutoError",
+    "UpstreamError",
+    "UpstreamTimeout",
     "__version__",
     "current_state",
     "request_scope",

@@ -21,12 +21,14 @@ __all__ = [
     "CachedCall",
     "CircuitBreakerCore",
     "CircuitOpen",
+    "ClientCore",
     "Defaults",
     "Envelope",
     "FakeClock",
     "Flight",
     "FlightGroup",
     "IdRegistryCore",
+    "InvalidJSON",
     "Leases",
     "Lookup",
     "Pending",
@@ -34,8 +36,11 @@ __all__ = [
     "RateLimiterCore",
     "Ready",
     "RequestState",
+    "Response",
     "TenutoError",
     "Ticket",
+    "UpstreamError",
+    "UpstreamTimeout",
     "__version__",
     "_record_state",
     "_seconds",
@@ -60,6 +65,14 @@ class RateLimited(TenutoError):
 
 class CircuitOpen(TenutoError):
     retry_after: float
+
+class UpstreamError(TenutoError):
+    status: int | None
+    url: str
+    body: str
+
+class UpstreamTimeout(UpstreamError): ...
+class InvalidJSON(UpstreamError): ...
 
 def stable_key(name: str, data: Any) -> str: ...
 def companion_key(key: str, what: str) -> str: ...
@@ -482,3 +495,134 @@ class CircuitBreakerCore:
     @property
     def name(self) -> str: ...
     def stats(self) -> dict[str, Any]: ...
+
+_Params = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+
+@final
+class Response:
+    """What `Client.request` returns, whatever the status."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def url(self) -> str: ...
+    def json(self) -> Any: ...
+    def raise_for_status(self) -> None: ...
+
+@disjoint_base
+class ClientCore:
+    """The native base of `tenuto.Client`."""
+
+    def __new__(
+        cls,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_retry_after: float = 60.0,
+        limiter: RateLimiterCore | None = None,
+        breaker: CircuitBreakerCore | None = None,
+        cache: Cache | None = None,
+        http2: bool = True,
+        deadline: float | None = None,
+        redact: Iterable[str] | None = None,
+        retry_budget: float = 0.2,
+        max_backoff: float = 30.0,
+        clock: FakeClock | None = None,
+    ) -> ClientCore: ...
+    def request(
+        self,
+        method: str,
+        path: str = "",
+        *,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Response: ...
+    def arequest(
+        self,
+        method: str,
+        path: str = "",
+        *,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Awaitable[Response]: ...
+    def get_json(
+        self,
+        path: str,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        ttl: Any = None,
+        stale_ttl: Any = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Any: ...
+    @property
+    def _sync_gets(self) -> dict[tuple[Any, Any], Any]: ...
+    def _count_cached_call(self) -> None: ...
+    def _json(
+        self,
+        method: str,
+        path: str,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Any: ...
+    def _ajson(
+        self,
+        method: str,
+        path: str,
+        params: _Params = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Awaitable[Any]: ...
+    def _revalidate(
+        self,
+        method: str,
+        path: str,
+        params: _Params,
+        headers: Mapping[str, str] | None,
+        json: Any,
+        timeout: float | None,
+        deadline: float | None,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> tuple[int, Any, str | None, str | None]: ...
+    def _arevalidate(
+        self,
+        method: str,
+        path: str,
+        params: _Params,
+        headers: Mapping[str, str] | None,
+        json: Any,
+        timeout: float | None,
+        deadline: float | None,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> Awaitable[tuple[int, Any, str | None, str | None]]: ...
+    @property
+    def base_url(self) -> str: ...
+    def _stats(self) -> dict[str, Any]: ...

@@ -655,7 +655,7 @@ impl PyCachedCall {
     }
 
     #[pyo3(signature = (*args, **kwargs))]
-    fn __call__(
+    pub(crate) fn __call__(
         slf: &Bound<'_, Self>,
         args: &Bound<'_, PyTuple>,
         kwargs: Option<&Bound<'_, PyDict>>,

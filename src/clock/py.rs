@@ -61,6 +61,12 @@ impl PyFakeClock {
     }
 }
 
+impl PyFakeClock {
+    pub(crate) fn manual(&self) -> Arc<ManualClock> {
+        Arc::clone(&self.clock)
+    }
+}
+
 /// The clock a tenuto object reads: Rust-side when possible (no Python call per read).
 pub enum PyClock {
     Native(ClockRef),
@@ -92,6 +98,16 @@ impl PyClock {
         match self {
             PyClock::Native(clock) => Ok(clock.now_nanos()),
             PyClock::Callable(f) => to_nanos(f.bind(py).call0()?.extract::<f64>()?),
+        }
+    }
+
+    /// The time from a thread that may not be attached (a runtime thread): a Python
+    /// callable is called attached; one that fails reads the system clock instead.
+    pub fn now_nanos_detached(&self) -> i64 {
+        match self {
+            PyClock::Native(clock) => clock.now_nanos(),
+            PyClock::Callable(_) => Python::attach(|py| self.now_nanos(py))
+                .unwrap_or_else(|_| super::SystemClock.now_nanos()),
         }
     }
 

@@ -152,6 +152,8 @@ struct Slots {
     used: Mutex<usize>,
     freed: Condvar,
     waiters: Mutex<VecDeque<LoopFuture>>,
+    /// Rust tasks waiting for a slot (the upstream client).
+    notify: tokio::sync::Notify,
 }
 
 /// Rate limit state and rules; see `tenuto.RateLimiter`.
@@ -269,6 +271,7 @@ impl PyRateLimiter {
                 used: Mutex::new(0),
                 freed: Condvar::new(),
                 waiters: Mutex::new(VecDeque::new()),
+                notify: tokio::sync::Notify::new(),
             }),
             Some(n) => {
                 return Err(PyValueError::new_err(format!(
@@ -512,18 +515,7 @@ impl PyRateLimiter {
 
     /// Gives back an in-flight slot.
     fn release(&self, _py: Python<'_>) {
-        let Some(slots) = &self.slots else { return };
-        {
-            let mut used = lock(&slots.used);
-            *used = used.saturating_sub(1);
-        }
-        slots.freed.notify_one();
-        // Wake every waiting task: they race for the slot and the losers wait again, so a
-        // cancelled waiter can never swallow the wake-up.
-        let waiters = std::mem::take(&mut *lock(&slots.waiters));
-        for waiter in waiters {
-            waiter.complete(|py| Ok(py.None()));
-        }
+        self.release_slot();
     }
 
     /// Adaptive limits: a 429 (or 503) pauses everyone until `retry_after` seconds from
@@ -624,6 +616,173 @@ impl PyRateLimiter {
         Ok(pause_ms
             .zip(self.shared.clone())
             .map(|(ms, redis)| (redis, self.core.pause_key(), ms)))
+    }
+}
+
+/// The limiter for Rust callers (the upstream client): the same decisions as the Python
+/// methods, as futures that need no GIL (unless the clock is a Python callable).
+impl PyRateLimiter {
+    pub(crate) fn now_native(&self) -> i64 {
+        self.clock.now_nanos_detached()
+    }
+
+    /// One admission attempt: admitted, or the wait before the next attempt.
+    pub(crate) fn admit_native(&self) -> crate::client::BoxFuture<'static, Result<(), i64>> {
+        let core = Arc::clone(&self.core);
+        let Some(shared) = &self.shared else {
+            let outcome = core.attempt(self.now_native(), None);
+            return Box::pin(async move { outcome });
+        };
+        let Some(redis) = reachable(&self.shared) else {
+            let outcome = core.shared_outcome(&Err(down(shared)));
+            return Box::pin(async move { outcome });
+        };
+        let ask = self.ask_shared(redis, None);
+        Box::pin(async move { core.shared_outcome(&ask.await) })
+    }
+
+    /// `feedback`: a 429 or 503 pauses every process sharing the limit.
+    pub(crate) fn feedback_native(
+        &self,
+        status: u16,
+        retry_after_ns: Option<i64>,
+    ) -> crate::client::BoxFuture<'static, ()> {
+        let pause = self
+            .core
+            .feedback(self.now_native(), status, retry_after_ns);
+        match pause.zip(reachable(&self.shared)) {
+            Some((ms, redis)) => {
+                let key = self.core.pause_key();
+                Box::pin(async move {
+                    let _ = redis.limit_pause(key, ms).await;
+                })
+            }
+            None => Box::pin(async {}),
+        }
+    }
+
+    pub(crate) fn has_slots(&self) -> bool {
+        self.slots.is_some()
+    }
+
+    /// Waits for an in-flight slot (give it back with `release_slot`).
+    pub(crate) async fn wait_slot_native(&self) {
+        let Some(slots) = &self.slots else { return };
+        loop {
+            let freed = slots.notify.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable(); // registered before the check: no lost wake-up
+            if self._try_slot() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// A concurrency lease shared through Redis (with `url` and `max_concurrency`),
+    /// polled with backoff while every lease is taken elsewhere, as `with lim:` does: its
+    /// token, or None when there is nothing to lease (or Redis is down and the limiter
+    /// fails open). A wait dropped mid-request gives back what the server may have taken.
+    pub(crate) async fn lease_native(&self) -> Option<String> {
+        let (redis, key, max, _) = self.lease_request()?;
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            let token = crate::runtime::unique_token();
+            let reply = if redis.is_down() {
+                Err(down(&redis))
+            } else {
+                let mut guard = LeaseGuard {
+                    armed: Some((Arc::clone(&redis), key.clone(), token.clone())),
+                };
+                let reply = redis
+                    .lease(key.clone(), max, self.lease_ttl_ms, token.clone())
+                    .await;
+                guard.disarm();
+                reply
+            };
+            match self.core.lease_outcome(reply, token) {
+                Lease::Taken(token) => return Some(token),
+                Lease::Unchecked => return None,
+                Lease::Busy => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// Gives a shared lease back (in the background: a lost release only keeps the lease
+    /// until its TTL runs out).
+    pub(crate) fn unlease_native(&self, token: String) {
+        if let Some(redis) = self.shared.clone() {
+            let key = self.core.lease_key();
+            crate::runtime::handle().spawn(async move {
+                let _ = redis.unlease(key, token).await;
+            });
+        }
+    }
+
+    /// Gives back an in-flight slot taken by any caller.
+    pub(crate) fn release_slot(&self) {
+        let Some(slots) = &self.slots else { return };
+        {
+            let mut used = lock(&slots.used);
+            *used = used.saturating_sub(1);
+        }
+        slots.freed.notify_one();
+        slots.notify.notify_waiters();
+        // Wake every waiting task: they race for the slot and the losers wait again, so a
+        // cancelled waiter can never swallow the wake-up.
+        let waiters = std::mem::take(&mut *lock(&slots.waiters));
+        for waiter in waiters {
+            waiter.complete(|py| Ok(py.None()));
+        }
+    }
+}
+
+/// The breaker for Rust callers (the upstream client).
+impl PyCircuitBreaker {
+    /// A probe or not, or the wait until the breaker lets one through.
+    pub(crate) fn permit_native(&self) -> crate::client::BoxFuture<'static, Result<bool, i64>> {
+        let now = self.clock.now_nanos_detached();
+        let circuit = Arc::clone(&self.circuit);
+        let ask = self.ask(Step::Permit, false);
+        Box::pin(async move {
+            let reply = match ask {
+                Some(ask) => ask.await,
+                None => None,
+            };
+            match circuit.permit(now, reply) {
+                Permit::Allowed { probe } => Ok(probe),
+                Permit::Refused { retry_after_ns } => Err(retry_after_ns),
+            }
+        })
+    }
+
+    pub(crate) fn report_native(
+        &self,
+        probe: bool,
+        healthy: bool,
+    ) -> crate::client::BoxFuture<'static, ()> {
+        let now = self.clock.now_nanos_detached();
+        let circuit = Arc::clone(&self.circuit);
+        if healthy {
+            circuit.success(now, probe);
+            let ask = self.ask(Step::Success, probe);
+            return Box::pin(async move {
+                if let Some(ask) = ask {
+                    ask.await;
+                }
+            });
+        }
+        let ask = self.ask(Step::Failure, probe);
+        Box::pin(async move {
+            let reply = match ask {
+                Some(ask) => ask.await,
+                None => None,
+            };
+            circuit.failure(now, probe, reply);
+        })
     }
 }
 

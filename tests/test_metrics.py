@@ -167,3 +167,23 @@ def test_local_tier_and_outage_families(namespace, own_redis) -> None:
         == stats["backend_errors"]
         > 0
     )
+
+
+def test_prewarm_runs(namespace, clock) -> None:
+    cache = tenuto.Cache(namespace=namespace, clock=clock)
+    outcomes = iter([None, ValueError("upstream down")])
+
+    def job() -> None:
+        error = next(outcomes)
+        if error is not None:
+            raise error
+
+    warmer = tenuto.Prewarmer(cache, clock=clock)
+    name = warmer.register(job, interval=60)
+    warmer.run_once()
+    clock.advance(61)
+    warmer.run_once()
+    body, _ = tenuto.metrics.exposition()
+    scraped = samples(body.decode())
+    assert value(scraped, "tenuto_prewarm_runs_total", job=name, outcome="ok") == 1
+    assert value(scraped, "tenuto_prewarm_runs_total", job=name, outcome="error") == 1

@@ -1,4 +1,4 @@
-"""The limiters, breakers, registries and cached functions alive in this process, so an
+"""The limiters, breakers, registries, cached functions and prewarmers alive in this process, so an
 exporter can read their counters at scrape time (caches are tracked natively). Weak
 references: nothing here keeps an object alive, and nothing runs on a hot path."""
 
@@ -11,3 +11,4 @@ limiters: weakref.WeakSet[Any] = weakref.WeakSet()
 breakers: weakref.WeakSet[Any] = weakref.WeakSet()
 registries: weakref.WeakSet[Any] = weakref.WeakSet()
 functions: weakref.WeakSet[Any] = weakref.WeakSet()
+prewarmers: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -28,10 +28,10 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from tenuto import _live
 from tenuto._cached import Backoff
 from tenuto._core import Cache, CachedCall, Leases, _seconds, stable_key
 
@@ -179,12 +179,9 @@ class _Job:
         self.running = False
 
 
-# Prewarmers alive in this process: a forked child gets fresh locks and no worker.
-_live: weakref.WeakSet[Prewarmer] = weakref.WeakSet()
-
-
 def _after_fork_in_child() -> None:
-    for warmer in list(_live):
+    # Prewarmers alive in this process: a forked child gets fresh locks and no worker.
+    for warmer in list(_live.prewarmers):
         warmer._forget_worker()
 
 
@@ -217,7 +214,7 @@ class Prewarmer:
         self._leases: dict[int, tuple[Cache, Leases]] = {}
         self._known: dict[str, dict[str, tuple[Any, ...]]] = {}
         self._forget_worker()
-        _live.add(self)
+        _live.prewarmers.add(self)
 
     def _forget_worker(self) -> None:
         self._cond = threading.Condition(threading.Lock())

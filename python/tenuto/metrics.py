@@ -107,6 +107,7 @@ class TenutoCollector:
         yield from self._upstream(core)
         yield from self._limits(core)
         yield from self._registries(core)
+        yield from self._prewarm(core)
 
     @staticmethod
     def _upstream(core: Any) -> Iterator[Any]:
@@ -189,6 +190,23 @@ class TenutoCollector:
         for (name, result), value in sorted(totals.items()):
             lookups.add_metric([name, result], value)
         yield lookups
+
+    @staticmethod
+    def _prewarm(core: Any) -> Iterator[Any]:
+        runs = core.CounterMetricFamily(
+            "tenuto_prewarm_runs",
+            "Prewarmer job runs by outcome (a run another process leased is not counted).",
+            labels=["job", "outcome"],
+        )
+        totals: dict[tuple[str, str], int] = defaultdict(int)
+        for warmer in list(_live.prewarmers):
+            for name, job in warmer.snapshot().items():
+                done = job["runs"] - (1 if job["running"] else 0)
+                totals[name, "ok"] += done - job["errors"]
+                totals[name, "error"] += job["errors"]
+        for (name, outcome), value in sorted(totals.items()):
+            runs.add_metric([name, outcome], value)
+        yield runs
 
 
 _registered: set[int] = set()

@@ -223,7 +223,8 @@ def cache_for(backend: str, request, clock) -> tenuto.Cache:
 # What a child reports when the parent forked during a load of "load" and a background
 # refresh of the stale "stale": it loads "load" itself; it serves the stale value it
 # inherited at once, and its own refresh (it has no share in the parent's) stores its
-# answer. On Redis the parent holds the lock of both keys; the child does not wait for it.
+# answer. On Redis the parent, still alive, holds the lock of "load": the child waits
+# `wait_timeout` (1 s) for its write, then loads; `refresh()` does not wait.
 CHILD_SEES = {"load": "child", "stale": "parent", "refreshed": "child", "after": ["hit", "child"]}
 
 

@@ -7,6 +7,7 @@ knobs are in `tests/chaos.py`)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from chaos import (
     wait_until,
 )
 
+if not sys.platform.startswith("linux"):  # SIGSTOP, and gunicorn's workers read from /proc
+    pytest.skip("the fault suite runs on Linux", allow_module_level=True)
 pytest.importorskip("flask")
 pytest.importorskip("fastapi")
 pytest.importorskip("gunicorn")

@@ -118,8 +118,8 @@ def test_redis_killed_restarted_and_paused_under_load(kind, own_redis, namespace
         stats = data["stats"]
         assert stats["degraded"] is False, f"worker {pid} still on memory: {stats}"
         assert stats["outages"] >= 2 * ROUNDS, f"worker {pid} missed an outage: {stats}"
-    # Every worker reads, from Redis, a value written after each restart and resume.
-    assert len(recoveries) == 2 * ROUNDS
+    # (Recovery: app.recovery() failed the test unless every worker read, from Redis, a
+    # value written after each restart and resume within RECOVERY_DEADLINE.)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ TEST_DEPS = [
     "httpx2",
     "gunicorn",
     "uvicorn",
+    "prometheus_client",
 ]
 
 
@@ -57,6 +58,7 @@ PEERS = [
     "pyrate-limiter",
     "aiolimiter",
     "orjson",
+    "prometheus_client",
 ]
 
 

@@ -2,7 +2,8 @@
 
 - Bulk check of 1,000 IDs on Redis: tenuto `bulk_check_missing` next to one raw redis-py
   MGET of the same keys (the lower bound) and the per-ID loop the host app runs today.
-- The same bulk check on the memory backend.
+- The same bulk check on the memory backend, and on a local 3+3 Redis Cluster next to
+  redis-py's cluster client, with a single get there.
 - `Defaults.complete_many` of 10,000 records next to a plain-Python implementation of the
   same rule.
 Usage: python benches/bench_registry.py [--quick]
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import tenuto
-from tenuto.testing import RedisServer
+from tenuto.testing import RedisCluster, RedisServer
 
 QUICK = "--quick" in sys.argv
 REPEATS = 5 if QUICK else 15
@@ -66,6 +67,34 @@ def registry_rows(url: str) -> None:
     memory.bulk_mark_missing(ids[::3])
     check = median_us(lambda: memory.bulk_check_missing(ids))
     row("memory bulk check, 1,000 IDs", "tenuto bulk_check_missing", check, check)
+
+
+def cluster_rows(cluster: RedisCluster) -> None:
+    """The same bulk check and a single get on a 3+3 cluster, next to redis-py's cluster
+    client (which also splits MGET by slot) and to the standalone rows above."""
+    from redis.cluster import RedisCluster as PyCluster
+
+    ids = [f"sp{i:06d}" for i in range(1000)]
+    cache = tenuto.Cache(cluster.url, namespace="bench", fail_open=False)
+    registry = tenuto.IdRegistry(cache)
+    registry.bulk_mark_missing(ids[::3])
+    raw = PyCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    keys = [f"bench:reccobeat:missing:{i}" for i in ids]
+    mget = median_us(lambda: raw.mget_nonatomic(keys))
+    group = "cluster bulk check, 1,000 IDs"
+    row(group, "redis-py cluster mget_nonatomic (peer)", mget, mget)
+    row(
+        group,
+        "tenuto bulk_check_missing",
+        median_us(lambda: registry.bulk_check_missing(ids)),
+        mget,
+    )
+    cache.set("song:1", {"title": "Tenuto"}, ttl=600)
+    raw.set("bench:raw", b'{"title": "Tenuto"}')
+    get = median_us(lambda: raw.get("bench:raw"), 200)
+    row("cluster get, one key", "redis-py cluster GET (peer)", get, get)
+    row("cluster get, one key", "tenuto get", median_us(lambda: cache.get("song:1"), 200), get)
+    raw.close()
 
 
 def python_complete(existing: dict, fetched: dict, defaults: dict) -> dict:
@@ -118,6 +147,8 @@ def main() -> None:
     )
     with RedisServer() as server:
         registry_rows(server.url)
+    with RedisCluster() as cluster:
+        cluster_rows(cluster)
     defaults_rows()
 
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod flight;
 pub mod key;
 pub mod limit;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sync;
@@ -25,7 +26,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::cache::py::{seconds_py, PyCache, PyEnvelope, PyLookup};
+    use crate::cache::py::{all_cache_stats, seconds_py, PyCache, PyEnvelope, PyLookup};
     #[pymodule_export]
     use crate::cached::py::{
         current_state, record_state_py, request_var_py, PyCachedCall, PyRequestState, PyTicket,
@@ -39,7 +40,7 @@ mod _core {
     #[pymodule_export]
     use crate::flight::py::{PyFlight, PyFlightGroup};
     #[pymodule_export]
-    use crate::key::py::stable_key;
+    use crate::key::py::{companion_key, stable_key};
     #[pymodule_export]
     use crate::limit::py::{CircuitOpen, PyCircuitBreaker, PyRateLimiter, RateLimited};
     #[pymodule_export]

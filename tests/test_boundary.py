@@ -11,6 +11,7 @@ import time
 import pytest
 
 import tenuto
+from tenuto.testing import companion_key
 
 
 def command_calls(raw) -> dict[str, int]:
@@ -104,7 +105,7 @@ def test_a_cancelled_async_leader_releases_its_lock_at_once(redis_server, raw_re
         await asyncio.Event().wait()  # never answers
         return x
 
-    lock_key = f"{namespace}|lock|{slow.key(1)}"
+    lock_key = companion_key(f"{namespace}:{slow.key(1)}", "lock")
 
     async def main() -> float:
         started.append(asyncio.Event())
@@ -160,12 +161,12 @@ def test_another_process_waits_for_the_write_without_polling(own_redis, raw_own)
     out: dict[str, object] = {}
     leader = threading.Thread(target=lambda: out.setdefault("leader", lead("s")))
     leader.start()
-    while not raw_own.exists(f"p|lock|{lead.key('s')}"):
+    while not raw_own.exists(companion_key(f"p:{lead.key('s')}", "lock")):
         time.sleep(0.001)
     raw_own.config_resetstat()
     follower = threading.Thread(target=lambda: out.setdefault("follower", follow("s")))
     follower.start()
-    while not raw_own.exists(f"p|waiters|{lead.key('s')}"):
+    while not raw_own.exists(companion_key(f"p:{lead.key('s')}", "waiters")):
         time.sleep(0.001)
     gate.set()
     leader.join(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 import pytest
 
@@ -226,14 +227,24 @@ class TestBadInput:
         with pytest.raises(ValueError, match="invalid Redis URL"):
             tenuto.Cache("redis://:pw@[::1")
 
+    @pytest.mark.parametrize("db", ["99999999999", "-1"])
+    def test_database_index_out_of_range(self, db: str) -> None:
+        with pytest.raises(ValueError, match="database index .* is out of range"):
+            tenuto.Cache(f"redis://127.0.0.1:1/{db}")
+
     @pytest.mark.parametrize("ttl", [0, -1, -0.5, float("nan"), float("inf")])
     def test_non_positive_ttl(self, cache: tenuto.Cache, ttl: float) -> None:
         with pytest.raises(ValueError, match="ttl"):
             cache.set("k", 1, ttl=ttl)
 
-    @pytest.mark.parametrize("ttl", ["60", None, True, [1]])
+    @pytest.mark.parametrize("ttl", [None, True, [1]])
     def test_non_numeric_ttl(self, cache: tenuto.Cache, ttl) -> None:
         with pytest.raises(TypeError, match="ttl"):
+            cache.set("k", 1, ttl=ttl)
+
+    @pytest.mark.parametrize("ttl", ["60", "5x", "minutes", "-5m", "0s"])
+    def test_bad_duration_text(self, cache: tenuto.Cache, ttl) -> None:
+        with pytest.raises(ValueError, match="ttl"):
             cache.set("k", 1, ttl=ttl)
 
     def test_stale_shorter_than_fresh(self, cache: tenuto.Cache) -> None:
@@ -279,3 +290,58 @@ def test_callable_clock() -> None:
     assert cache.set("k", 1, ttl=10).fresh_until == 1010
     now[0] = 1011.0
     assert cache.get("k").state == "miss"
+
+
+class TestFamiliarDurations:
+    """TTLs as the host apps and other caches write them: seconds, timedeltas, "90d"."""
+
+    @pytest.mark.parametrize(
+        ("ttl", "seconds"),
+        [
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("90d", 90 * 86400),
+            ("1.5h", 5400),
+            (datetime.timedelta(days=180), 180 * 86400),
+            (datetime.timedelta(minutes=5), 300),
+            (300, 300),
+        ],
+    )
+    def test_units(self, cache: tenuto.Cache, ttl, seconds: int) -> None:
+        envelope = cache.set("k", 1, ttl=ttl, stale_ttl=ttl)
+        assert envelope.fresh_until - envelope.fetched_at == seconds
+
+    def test_default_ttl_and_a_bare_decorator(self, clock) -> None:
+        cache = tenuto.Cache(jitter=0.0, clock=clock, default_ttl="5m")
+        calls = []
+
+        @cache.cached
+        def song(i: int) -> dict:
+            calls.append(i)
+            return {"id": i}
+
+        assert song(1) == song(1) == {"id": 1} and calls == [1]
+        clock.advance(301)
+        assert song(1) == {"id": 1} and calls == [1, 1], "expired after default_ttl"
+        envelope = cache.set("k", 1)
+        assert envelope.fresh_until - envelope.fetched_at == 300
+
+    def test_no_ttl_anywhere(self) -> None:
+        cache = tenuto.Cache()
+        with pytest.raises(TypeError, match="default_ttl"):
+            cache.set("k", 1)
+        with pytest.raises(TypeError, match="needs ttl="):
+
+            @cache.cached
+            def song() -> int:
+                return 1
+
+    @pytest.mark.parametrize("name", ["timeout", "expire"])
+    def test_other_caches_names_for_ttl(self, name: str) -> None:
+        with pytest.raises(TypeError, match="tenuto's is ttl="):
+            tenuto.Cache().cached(**{name: 60})
+
+    def test_unknown_keyword(self) -> None:
+        with pytest.raises(TypeError, match='unexpected keyword argument "colour"'):
+            tenuto.Cache().cached(ttl=60, colour="red")

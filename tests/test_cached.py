@@ -421,7 +421,8 @@ class TestBadArguments:
         ("kwargs", "error"),
         [
             ({"ttl": 0}, ValueError),
-            ({"ttl": "60"}, TypeError),
+            ({"ttl": "60"}, ValueError),
+            ({"ttl": [60]}, TypeError),
             ({"ttl": 60, "stale_ttl": 30}, ValueError),
             ({"ttl": 60, "key": "not callable"}, TypeError),
             ({"ttl": 60, "negative": 60}, TypeError),

@@ -104,3 +104,19 @@ class TestBadInput:
         d = tenuto.Defaults({"p": 0.5}, {"p": (0, 1)})
         assert d.complete({"p": 1}) == {"p": 1}
         assert d.complete({"p": 1.01}) == {"p": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        ("x", TypeError, 'range of "tempo" must be a \\(min, max\\) pair or a tenuto.Range'),
+        (5, TypeError, 'range of "tempo"'),
+        ((2, 1), ValueError, 'range of "tempo" is invalid: min \\(2\\) is above max \\(1\\)'),
+        ((float("nan"), 1), ValueError, "NaN"),
+        ((True, 1), TypeError, "not bool"),
+        (("a", 1), TypeError, "must be numbers"),
+    ],
+)
+def test_bad_ranges_are_refused_up_front(spec, error, message) -> None:
+    with pytest.raises(error, match=message):
+        tenuto.Defaults({"tempo": 120.0}, {"tempo": spec})

@@ -25,8 +25,9 @@ py39_loop_warning = pytest.mark.filterwarnings(
 
 
 @py39_loop_warning
-def test_readme_examples_run(redis_server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_examples_run(redis_server, redis_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("REDIS_CLUSTER_URL", redis_cluster.url)
     monkeypatch.delenv("TENUTO_URL", raising=False)
     blocks = readme_blocks()
     assert len(blocks) >= 4

@@ -256,7 +256,7 @@ def _hammer_shared(
     results.put((admitted, lim.stats()["admitted_unchecked"]))
 
 
-def test_shared_limit_across_processes_admits_exactly_n(redis_server, namespace) -> None:
+def test_shared_limit_across_processes_admits_exactly_n(shared_url, namespace) -> None:
     """4 processes × 40 attempts within one 10-second window: exactly 50 admitted."""
     import multiprocessing
 
@@ -264,7 +264,7 @@ def test_shared_limit_across_processes_admits_exactly_n(redis_server, namespace)
     barrier = ctx.Barrier(4)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_hammer_shared, args=(redis_server.url, namespace, 40, barrier, results))
+        ctx.Process(target=_hammer_shared, args=(shared_url, namespace, 40, barrier, results))
         for _ in range(4)
     ]
     for p in procs:
@@ -278,9 +278,9 @@ def test_shared_limit_across_processes_admits_exactly_n(redis_server, namespace)
     assert all(a > 0 for a in admitted), "every process got a share"
 
 
-def test_shared_outbound_spacing_and_pause(redis_server, namespace) -> None:
-    a = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
-    b = tenuto.RateLimiter("10/second", url=redis_server.url, name=namespace)
+def test_shared_outbound_spacing_and_pause(shared_url, namespace) -> None:
+    a = tenuto.RateLimiter("10/second", url=shared_url, name=namespace)
+    b = tenuto.RateLimiter("10/second", url=shared_url, name=namespace)
     assert a.try_acquire()[0]
     ok, retry_after = b.try_acquire()
     assert not ok and 0 < retry_after <= 0.1, "the other process sees the same spacing"
@@ -309,10 +309,10 @@ def _hold_leases(url: str, name: str, barrier, results) -> None:  # pragma: no c
 
     def work() -> None:
         with lim:
-            import redis as redis_py
+            from conftest import redis_py_client
 
-            client = redis_py.Redis.from_url(url)
-            peak_seen.append(client.zcard(f"tenuto|limit|{name}:leases"))
+            client = redis_py_client(url)
+            peak_seen.append(client.zcard(f"tenuto|limit|{{{name}}}:leases"))
             client.close()
             time.sleep(0.05)  # holding the lease, like an upstream call
 
@@ -325,7 +325,7 @@ def _hold_leases(url: str, name: str, barrier, results) -> None:  # pragma: no c
     results.put(max(peak_seen))
 
 
-def test_concurrency_cap_shared_across_processes(redis_server, namespace) -> None:
+def test_concurrency_cap_shared_across_processes(shared_url, namespace) -> None:
     """3 processes x 3 threads, max_concurrency=2 through Redis: never more than 2 leases."""
     import multiprocessing
 
@@ -333,7 +333,7 @@ def test_concurrency_cap_shared_across_processes(redis_server, namespace) -> Non
     barrier = ctx.Barrier(3)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_hold_leases, args=(redis_server.url, namespace, barrier, results))
+        ctx.Process(target=_hold_leases, args=(shared_url, namespace, barrier, results))
         for _ in range(3)
     ]
     for p in procs:
@@ -345,9 +345,9 @@ def test_concurrency_cap_shared_across_processes(redis_server, namespace) -> Non
     assert max(peaks) == 2 and min(peaks) >= 1, peaks  # used, and never more than 2
 
 
-def test_dead_holders_lease_expires(redis_server, namespace) -> None:
+def test_dead_holders_lease_expires(shared_url, namespace) -> None:
     lim = tenuto.RateLimiter(
-        "1000/second", max_concurrency=1, url=redis_server.url, name=namespace, lease_ttl=0.05
+        "1000/second", max_concurrency=1, url=shared_url, name=namespace, lease_ttl=0.05
     )
     token = lim._lease()
     assert token, "took the only lease"
@@ -379,10 +379,10 @@ def test_breaker_opens_on_a_failure_rate(clock: FakeClock) -> None:
         tenuto.CircuitBreaker(failure_rate=1.5)
 
 
-def test_breaker_state_shared_through_redis(redis_server, namespace) -> None:
+def test_breaker_state_shared_through_redis(shared_url, namespace) -> None:
     """Two processes' breakers on one Redis: failures seen by one open both."""
-    one = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
-    two = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=redis_server.url, name=namespace)
+    one = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=shared_url, name=namespace)
+    two = tenuto.CircuitBreaker(failures=2, reset_after=0.2, url=shared_url, name=namespace)
     for breaker in (one, two):
         with pytest.raises(ConnectionError), breaker:
             raise ConnectionError
@@ -538,7 +538,7 @@ async def test_async_paths_share_the_limit_through_redis(
     await asyncio.gather(*(call() for _ in range(6)))
     assert peak == 1, "one lease left for this process's tasks"
     elsewhere._unlease(held)
-    assert raw_redis.zcard(f"tenuto|limit|{name}:leases") == 0, "every lease given back"
+    assert raw_redis.zcard(f"tenuto|limit|{{{name}}}:leases") == 0, "every lease given back"
     assert capped.stats()["in_flight"] == 0
 
 

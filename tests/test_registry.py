@@ -33,6 +33,24 @@ def test_missing_marks_and_validation_clears_them(registry: tenuto.IdRegistry) -
     assert registry.is_missing("sp1") is False and registry.get("sp1") == "rb1"
 
 
+def test_remapping_removes_the_superseded_halves(registry: tenuto.IdRegistry) -> None:
+    """Re-mapping an ID leaves no stale record of the old pair, in either direction."""
+    registry.mark_validated("s", "d1")
+    registry.mark_validated("s", "d2")
+    assert registry.reverse("d1") is None
+    assert registry.get("s") == "d2" and registry.reverse("d2") == "s"
+    # d2 taken over by another source: s no longer maps to it.
+    registry.mark_validated("t", "d2")
+    assert registry.get("s") is None
+    assert registry.get("t") == "d2" and registry.reverse("d2") == "t"
+    # A record reused by another pair meanwhile is not removed.
+    registry.mark_validated("u", "d3")
+    registry.mark_validated("v", "d4")
+    registry.mark_validated("u", "d4")
+    assert registry.reverse("d4") == "u" and registry.get("v") is None
+    assert registry.reverse("d3") is None and registry.get("u") == "d4"
+
+
 def test_forget(registry: tenuto.IdRegistry) -> None:
     registry.mark_validated("sp1", "rb1")
     registry.mark_missing("sp2")
@@ -309,3 +327,42 @@ def test_registry_fails_open(namespace) -> None:
     registry.mark_validated("s1", "r1")
     assert registry.get("s1") == "r1", "served from memory while Redis is down"
     assert registry.resolve(["s1", "s2"], lambda b: {"s2": "r2"}) == {"s1": "r1", "s2": "r2"}
+
+
+def test_pickled_host_records_both_directions(redis_server, raw_redis, namespace) -> None:
+    """The MoodList backend stores each record as a pickled plain dict (protocol 4) under
+    `agentic:reccobeat:{validated,reverse,missing}:{id}`. With record_format="pickle"
+    tenuto writes what that code reads, and reads what it writes, never unpickling
+    anything but data."""
+    import datetime
+    import os
+    import pickle
+
+    ns = f"{namespace}agentic"
+    cache = tenuto.Cache(redis_server.url, namespace=ns)
+    reg = tenuto.IdRegistry(cache, name="reccobeat", record_format="pickle")
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    host = {"spotify_id": "sp1", "reccobeat_id": "rb1", "validated_at": now}
+    raw_redis.set(f"{ns}:reccobeat:validated:sp1", pickle.dumps(host, protocol=4))
+    raw_redis.set(f"{ns}:reccobeat:reverse:rb1", pickle.dumps(host, protocol=4))
+    missing = {"spotify_id": "sp2", "marked_at": now, "reason": "404"}
+    raw_redis.set(f"{ns}:reccobeat:missing:sp2", pickle.dumps(missing, protocol=4))
+    assert reg.get("sp1") == "rb1" and reg.reverse("rb1") == "sp1"
+    assert reg.bulk_check_missing(["sp1", "sp2", "sp3"]) == (["sp1", "sp3"], ["sp2"])
+
+    reg.mark_validated("sp9", "rb9")
+    reg.mark_missing("sp8", reason="gone")
+    written = pickle.loads(raw_redis.get(f"{ns}:reccobeat:validated:sp9"))
+    assert written["spotify_id"] == "sp9" and written["reccobeat_id"] == "rb9"
+    datetime.datetime.fromisoformat(written["validated_at"])
+    assert pickle.loads(raw_redis.get(f"{ns}:reccobeat:reverse:rb9"))["spotify_id"] == "sp9"
+    assert pickle.loads(raw_redis.get(f"{ns}:reccobeat:missing:sp8"))["reason"] == "gone"
+
+    # A JSON-format registry on the same keys reads the pickles too (a mixed rollout).
+    assert tenuto.IdRegistry(cache, name="reccobeat").get("sp9") == "rb9"
+    # A record that names code is never run: it reads as unknown and counts an error.
+    raw_redis.set(f"{ns}:reccobeat:validated:evil", pickle.dumps(os.system, protocol=4))
+    errors = reg.stats()["errors"]
+    assert reg.get("evil") is None and reg.stats()["errors"] == errors + 1
+    with pytest.raises(ValueError, match="record_format"):
+        tenuto.IdRegistry(cache, record_format="yaml")

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import tenuto
+from tenuto.testing import companion_key
 
 PROCESS_DEADLINE = 60.0
 
@@ -223,7 +224,10 @@ def test_four_processes_eight_threads_one_upstream_call(redis_server, raw_redis,
     assert {v for o in outputs for v in o} == {"features of s1"}
     assert int(raw_redis.get(f"{namespace}:upstream-calls")) == 1
     assert (
-        raw_redis.exists(f"{namespace}|lock|" + tenuto.stable_key("cold", {"song": "s1"})) == 0
+        raw_redis.exists(
+            companion_key(f"{namespace}:" + tenuto.stable_key("cold", {"song": "s1"}), "lock")
+        )
+        == 0
     ), "the lock was released"
 
 

@@ -330,3 +330,57 @@ def test_fastapi_stats_router_needs_a_guard_like_flask() -> None:
 
     with pytest.raises(ValueError, match="guard="):
         stats_router(tenuto.Cache())
+
+
+def _flask_worker(cache, name: str):
+    """One "worker": its own app and its own decorated view, as each gunicorn worker has."""
+    from flask import Flask
+
+    from tenuto.flask import Tenuto, limit
+
+    app = Flask("worker")
+    Tenuto(app, cache=cache)
+
+    @app.get("/songs")
+    @limit("3/minute", name=name)
+    def songs():
+        return {"ok": True}
+
+    return app.test_client()
+
+
+def test_flask_inbound_limits_are_per_app_on_the_apps_redis(redis_server, namespace) -> None:
+    """Two workers of one app whose cache is on Redis: "3/minute" admits 3 in all, not 3
+    per worker (the limiter takes the app cache's Redis unless told otherwise)."""
+    cache = tenuto.Cache(redis_server.url, namespace=namespace)
+    workers = [_flask_worker(cache, namespace), _flask_worker(cache, namespace)]
+    codes = [workers[i % 2].get("/songs").status_code for i in range(6)]
+    assert codes.count(200) == 3 and codes.count(429) == 3, codes
+    # On memory each worker counts alone.
+    alone = [_flask_worker(tenuto.Cache(namespace=namespace), namespace) for _ in range(2)]
+    codes = [alone[i % 2].get("/songs").status_code for i in range(6)]
+    assert codes.count(200) == 6
+
+
+def test_fastapi_inbound_limits_are_per_app_on_the_apps_redis(redis_server, namespace) -> None:
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    from tenuto.fastapi import RateLimit, RateLimitExceeded, TenutoMiddleware, rate_limit_handler
+
+    cache = tenuto.Cache(redis_server.url, namespace=namespace)
+
+    def worker() -> TestClient:
+        app = FastAPI()
+        app.add_middleware(TenutoMiddleware, cache=cache)
+        app.add_exception_handler(RateLimitExceeded, rate_limit_handler)
+
+        @app.get("/songs", dependencies=[Depends(RateLimit("3/minute", name=namespace))])
+        def songs() -> dict:
+            return {"ok": True}
+
+        return TestClient(app)
+
+    workers = [worker(), worker()]
+    codes = [workers[i % 2].get("/songs").status_code for i in range(6)]
+    assert codes.count(200) == 3 and codes.count(429) == 3, codes

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from tenuto import _live
 from tenuto._core import Cache, CachedCall, Lookup, Ticket, _record_state, _seconds
 
 log = logging.getLogger("tenuto.cached")
@@ -200,12 +201,6 @@ _KIND_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYW
 _KIND_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-def _check_seconds(name: str, value: Any, *, optional: bool = False) -> None:
-    """The native duration check (one rule for every duration tenuto takes)."""
-    if not (optional and value is None):
-        _seconds(name, value)
-
-
 # Return annotations that JSON already round-trips: no TypeAdapter needed for them.
 _PLAIN = (dict, list, str, int, float, bool, type(None), Any, object)
 
@@ -252,27 +247,26 @@ def _adapter(fn: Callable[..., Any], explicit: Any) -> Any:
 def decorator(
     cache: Cache,
     *,
-    ttl: float,
-    stale_ttl: float | None,
+    ttl: Any,
+    stale_ttl: Any,
     name: str | None,
     key: Callable[..., Any] | None,
     negative: Backoff | None,
     distributed: bool | None,
-    lock_ttl: float | None = None,
-    wait_timeout: float | None = None,
+    lock_ttl: Any = None,
+    wait_timeout: Any = None,
     breaker: Any = None,
     type: Any = None,
     isolated: bool = False,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Builds the decorator returned by `Cache.cached` (arguments checked up front)."""
-    lock_ttl = 30.0 if lock_ttl is None else lock_ttl
-    wait_timeout = 8.0 if wait_timeout is None else wait_timeout
-    _check_seconds("ttl", ttl)
-    _check_seconds("stale_ttl", stale_ttl, optional=True)
+    # Durations as seconds (numbers, timedeltas and "90s" / "15m" / "90d" alike).
+    ttl = _seconds("ttl", ttl)
+    stale_ttl = None if stale_ttl is None else _seconds("stale_ttl", stale_ttl)
     if stale_ttl is not None and stale_ttl < ttl:
         raise ValueError(f"stale_ttl ({stale_ttl}) must not be shorter than ttl ({ttl})")
-    _check_seconds("lock_ttl", lock_ttl)
-    _check_seconds("wait_timeout", wait_timeout)
+    lock_ttl = 30.0 if lock_ttl is None else _seconds("lock_ttl", lock_ttl)
+    wait_timeout = 8.0 if wait_timeout is None else _seconds("wait_timeout", wait_timeout)
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError("name must be a non-empty str")
     if key is not None and not callable(key):
@@ -329,6 +323,7 @@ def decorator(
         wrapper._cache = cache
         wrapper._breaker = breaker
         functools.update_wrapper(wrapper, fn)
+        _live.functions.add(wrapper)
         return wrapper
 
     return decorate

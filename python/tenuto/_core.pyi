@@ -2,6 +2,7 @@
 
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import Any, Final, Generic, Literal, ParamSpec, Protocol, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
@@ -9,6 +10,8 @@ from typing_extensions import disjoint_base
 from tenuto._cached import Backoff
 
 _P = ParamSpec("_P")
+# A duration: seconds, a timedelta, or text with a unit ("90s", "15m", "2h", "90d").
+_Duration = float | str | timedelta
 _R = TypeVar("_R")
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "_seconds",
     "_request_var",
     "current_state",
+    "all_cache_stats",
+    "companion_key",
     "stable_key",
 ]
 
@@ -55,6 +60,8 @@ class CircuitOpen(TenutoError):
     retry_after: float
 
 def stable_key(name: str, data: Any) -> str: ...
+def companion_key(key: str, what: str) -> str: ...
+def all_cache_stats() -> list[dict[str, Any]]: ...
 def _seconds(name: str, value: Any) -> float: ...
 
 @final
@@ -145,6 +152,9 @@ class Cache:
         connect_timeout: float = 0.25,
         command_timeout: float = 1.0,
         clock: FakeClock | Callable[[], float] | None = None,
+        local: int | None = None,
+        local_ttl: _Duration = 5.0,
+        default_ttl: _Duration | None = None,
     ) -> Cache: ...
     @classmethod
     def from_env(cls, **kwargs: Any) -> Cache: ...
@@ -153,22 +163,30 @@ class Cache:
     @property
     def url(self) -> str: ...
     @property
+    def _connection_url(self) -> str | None: ...
+    @property
     def backend(self) -> Literal["memory", "redis"]: ...
     def get(self, key: str) -> Lookup: ...
     def aget(self, key: str) -> Awaitable[Lookup]: ...
     def set(
-        self, key: str, value: Any, ttl: float | None = None, stale_ttl: float | None = None
+        self, key: str, value: Any, ttl: _Duration | None = None, stale_ttl: _Duration | None = None
     ) -> Envelope: ...
     def aset(
-        self, key: str, value: Any, ttl: float | None = None, stale_ttl: float | None = None
+        self, key: str, value: Any, ttl: _Duration | None = None, stale_ttl: _Duration | None = None
     ) -> Awaitable[Envelope]: ...
     def get_many(self, keys: Iterable[str]) -> dict[str, Lookup]: ...
     def aget_many(self, keys: Iterable[str]) -> Awaitable[dict[str, Lookup]]: ...
     def set_many(
-        self, mapping: Mapping[str, Any], ttl: float | None = None, stale_ttl: float | None = None
+        self,
+        mapping: Mapping[str, Any],
+        ttl: _Duration | None = None,
+        stale_ttl: _Duration | None = None,
     ) -> dict[str, Envelope]: ...
     def aset_many(
-        self, mapping: Mapping[str, Any], ttl: float | None = None, stale_ttl: float | None = None
+        self,
+        mapping: Mapping[str, Any],
+        ttl: _Duration | None = None,
+        stale_ttl: _Duration | None = None,
     ) -> Awaitable[dict[str, Envelope]]: ...
     def delete(self, key: str) -> bool: ...
     def adelete(self, key: str) -> Awaitable[bool]: ...
@@ -177,20 +195,28 @@ class Cache:
     def stats(self) -> dict[str, Any]: ...
     def backend_key(self, key: str) -> str: ...
     def now(self) -> int: ...
+    @overload
+    def cached(  # type: ignore[overload-overlap]
+        self, ttl: Callable[_P, Coroutine[Any, Any, _R]], /
+    ) -> _AsyncCached[_P, _R]: ...
+    @overload
+    def cached(self, ttl: Callable[_P, _R], /) -> _Cached[_P, _R]: ...
+    @overload
     def cached(
         self,
-        ttl: float,
-        stale_ttl: float | None = None,
+        ttl: _Duration | None = None,
+        stale_ttl: _Duration | None = None,
         name: str | None = None,
         key: Callable[..., Any] | None = None,
         negative: Backoff | None = None,
         distributed: bool | None = None,
         *,
-        lock_ttl: float | None = None,
-        wait_timeout: float | None = None,
+        lock_ttl: _Duration | None = None,
+        wait_timeout: _Duration | None = None,
         breaker: CircuitBreakerCore | None = None,
         type: Any = None,
         isolated: bool = False,
+        **others: Any,
     ) -> _CachedDecorator: ...
 
 class _CachedDecorator(Protocol):
@@ -262,6 +288,7 @@ class CachedCall:
         self, key: str, force: bool = False
     ) -> Awaitable[tuple[Lookup | None, Ticket | None]]: ...
     def _followers(self, key: str) -> int: ...
+    def _upstream_stats(self) -> dict[str, Any]: ...
     def _settle(self, key: str) -> None: ...
     def _asettle(self, key: str) -> Awaitable[None]: ...
     def key(self, *args: Any, **kwargs: Any) -> str: ...
@@ -314,8 +341,10 @@ class IdRegistryCore:
         name: str = "reccobeat",
         source_field: str = "spotify_id",
         target_field: str = "reccobeat_id",
-        validated_ttl: float = 15552000.0,
-        missing_ttl: float = 1209600.0,
+        validated_ttl: _Duration = 15552000.0,
+        missing_ttl: _Duration = 1209600.0,
+        *,
+        record_format: Literal["json", "pickle"] = "json",
     ) -> IdRegistryCore: ...
     @property
     def name(self) -> str: ...

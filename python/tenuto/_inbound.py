@@ -4,8 +4,10 @@ client is, and the RateLimit-* / Retry-After headers of a decision."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 
+from tenuto._core import Cache
 from tenuto._limits import RateLimiter
 
 
@@ -29,18 +31,44 @@ def check_trust_proxy(trust_proxy: int) -> None:
 
 
 class InboundLimit:
-    """One inbound limit: N per period per client, N back to back; in process, or shared
-    through Redis by every process using the same `name` and `url`."""
+    """One inbound limit: N per period per client, N back to back, for the whole app: shared
+    through Redis by every worker and host using the same `name` when the app's tenuto
+    integration has a Redis-backed cache (or `url` names a Redis); `url="memory://"` keeps
+    it per process. The limiter is made at the first request, when the app is known."""
 
     def __init__(self, rate: str, trust_proxy: int, name: str, url: str | None = None) -> None:
         check_trust_proxy(trust_proxy)
+        RateLimiter(rate, mode="inbound")  # a bad rate fails here, at decoration
         self.rate = rate
         self.trust_proxy = trust_proxy
-        self.limiter = RateLimiter(rate, url=url, name=name, mode="inbound")
+        self.name = name
+        self.url = url
+        self._limiter: RateLimiter | None = None
+        self._lock = threading.Lock()
 
-    def decide(self, client: str) -> tuple[bool, dict[str, str], str]:
+    def limiter_for(self, app_cache: Cache | None) -> RateLimiter:
+        """The limiter, made on first use: on `url`, else the Redis of the app's cache."""
+        if self._limiter is None:
+            with self._lock:
+                if self._limiter is None:
+                    url = self.url
+                    if url is None and app_cache is not None:
+                        url = app_cache._connection_url
+                    if url in ("memory://", "memory"):
+                        url = None
+                    self._limiter = RateLimiter(self.rate, url=url, name=self.name, mode="inbound")
+        return self._limiter
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.limiter_for(None)
+
+    def decide(
+        self, client: str, app_cache: Cache | None = None
+    ) -> tuple[bool, dict[str, str], str]:
         """`(admitted, headers, refusal message)` for one request of `client`."""
-        ok, retry_after, limit, remaining, reset = self.limiter.decide(client)
+        limiter = self.limiter_for(app_cache)
+        ok, retry_after, limit, remaining, reset = limiter.decide(client)
         headers = {
             "RateLimit-Limit": str(limit),
             "RateLimit-Remaining": str(remaining),

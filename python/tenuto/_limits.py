@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tenuto import _live
 from tenuto._core import CircuitBreakerCore, CircuitOpen, RateLimited, RateLimiterCore
 
 __all__ = ["CircuitBreaker", "CircuitOpen", "RateLimited", "RateLimiter"]
@@ -37,6 +38,7 @@ class RateLimiter(RateLimiterCore):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _live.limiters.add(self)
         # Shared leases held by the calls in progress, per thread / task.
         self._leases: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
             f"tenuto_leases_{id(self)}", default=()
@@ -173,6 +175,7 @@ class CircuitBreaker(CircuitBreakerCore):
     reached, each process's own state decides."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _live.breakers.add(self)
         # Which calls in progress are probes, per thread / task (contexts do not leak).
         self._probes: contextvars.ContextVar[tuple[bool, ...]] = contextvars.ContextVar(
             f"tenuto_breaker_{id(self)}", default=()

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from tenuto import _live
 from tenuto._core import Flight, FlightGroup, IdRegistryCore, TenutoError
 
 __all__ = ["IdRegistry", "ResolveError"]
@@ -83,6 +84,7 @@ class IdRegistry(IdRegistryCore):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _live.registries.add(self)
         self._flights = FlightGroup()
 
     def resolve(

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from tenuto._core import Cache, RequestState, _request_var
 from tenuto._inbound import InboundLimit, client_address
+from tenuto._limits import RateLimiter
 
 __all__ = [
     "RateLimit",
@@ -44,9 +45,11 @@ class RateLimit:
     `RateLimitExceeded` (HTTP 429 with `Retry-After`); every response gets
     `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. The client is
     `key(request)` if given, else the peer address (X-Forwarded-For only with
-    `trust_proxy=N` proxies in front). With `url` (Redis) the counts are shared by every
-    worker and host, per `name` (default `"fastapi:{rate}"`: name dependencies that should
-    not share a budget)."""
+    `trust_proxy=N` proxies in front). The counts are per app, not per worker: shared
+    through Redis by every worker and host, per `name` (default `"fastapi:{rate}"`: name
+    dependencies that should not share a budget), when `url` names a Redis or, by
+    default, when the app's `TenutoMiddleware` was given a Redis-backed `cache=`;
+    `url="memory://"` keeps them per process."""
 
     def __init__(
         self,
@@ -59,7 +62,11 @@ class RateLimit:
     ) -> None:
         self.inbound = InboundLimit(rate, trust_proxy, name or f"fastapi:{rate}", url)
         self.key = key
-        self.limiter = self.inbound.limiter
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The limiter behind this dependency (made at the first request)."""
+        return self.inbound.limiter
 
     def __call__(self, request: Request, response: Response) -> None:
         if self.key is not None:
@@ -67,7 +74,8 @@ class RateLimit:
         else:
             peer = request.client.host if request.client else None
             client = client_address(peer, request.headers, self.inbound.trust_proxy)
-        ok, headers, message = self.inbound.decide(client)
+        app_cache = getattr(request.app.state, "tenuto_cache", None)
+        ok, headers, message = self.inbound.decide(client, app_cache)
         if not ok:
             raise RateLimitExceeded(status_code=429, detail=message, headers=headers)
         response.headers.update(headers)
@@ -78,6 +86,7 @@ class RateLimit:
 # `request` would be taken for a query parameter. Real classes work on every version.
 RateLimit.__call__.__annotations__.update(request=Request, response=Response)
 
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -87,12 +96,20 @@ Send = Callable[[Message], Awaitable[None]]
 class TenutoMiddleware:
     """Opens a request scope for every HTTP request and adds `X-Cache: hit|miss|stale`
     (the worst state of its cached calls) and `X-Data-Stale: 1` when stale data was
-    served. Pure ASGI: no BaseHTTPMiddleware, so streaming and background tasks work."""
+    served. Pure ASGI: no BaseHTTPMiddleware, so streaming and background tasks work.
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    `cache=` (optional): the app's cache; when it is on Redis, the app's `RateLimit`
+    dependencies share that Redis (limits per app, not per worker)."""
+
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], cache: Cache | None = None
+    ) -> None:
         self.app = app
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cache is not None and "app" in scope:
+            scope["app"].state.tenuto_cache = self.cache
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -139,5 +156,31 @@ def stats_router(cache: Cache, *, guard: Guard | None = None, path: str = "/stat
     @router.get(path, dependencies=[Depends(allowed)])
     def tenuto_stats() -> dict[str, Any]:
         return cache.stats()
+
+    return router
+
+
+def metrics_router(*, path: str = "/metrics", guard: Guard | None = None) -> APIRouter:
+    """`GET {path}`: a Prometheus scrape of every tenuto object in the process
+    (`tenuto.metrics`; needs prometheus_client). Labels carry no cache keys, so the
+    guard is optional; `guard(request)` (sync or async) returning false answers 403."""
+    from tenuto import metrics
+
+    metrics.exposition()  # fails now, not at the first scrape, without prometheus_client
+    router = APIRouter()
+
+    async def allowed(request: Request) -> None:
+        if guard is None:
+            return
+        verdict = guard(request)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if not verdict:
+            raise HTTPException(status_code=403, detail="metrics are not available to this client")
+
+    @router.get(path, dependencies=[Depends(allowed)])
+    def tenuto_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(content=body, media_type=content_type)
 
     return router

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Flask, Response, abort, g, jsonify, make_response, request
+from flask import Flask, Response, abort, current_app, g, jsonify, make_response, request
 
 from tenuto._core import Cache, RequestState, _request_var, current_state
 from tenuto._inbound import InboundLimit, check_trust_proxy, client_address
@@ -34,9 +34,11 @@ def limit(
     never more than N in any sliding window. Refusals are HTTP 429 with a JSON
     `{"error": ...}` body and `Retry-After`; every response carries `RateLimit-Limit`,
     `RateLimit-Remaining` and `RateLimit-Reset`. The client is `key()` if given, else the
-    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front). With `url`
-    (Redis) the counts are shared by every worker and host, per `name` (default: the
-    view's module and name)."""
+    peer address (X-Forwarded-For only with `trust_proxy=N` proxies in front). The counts
+    are per app, not per worker: shared through Redis by every worker and host, per `name`
+    (default: the view's module and name), when `url` names a Redis or, by default, when
+    the app's `Tenuto(app, cache=...)` cache is on Redis; `url="memory://"` keeps them
+    per process."""
     check_trust_proxy(trust_proxy)
 
     def decorate(view: F) -> F:
@@ -51,7 +53,9 @@ def limit(
                 if key is not None
                 else client_address(request.remote_addr, request.headers, trust_proxy)
             )
-            ok, headers, message = inbound.decide(client)
+            extension = current_app.extensions.get("tenuto")
+            app_cache = getattr(extension, "cache", None)
+            ok, headers, message = inbound.decide(client, app_cache)
             if not ok:
                 response = jsonify(error=message)
                 response.status_code = 429
@@ -60,7 +64,7 @@ def limit(
             response.headers.update(headers)
             return response
 
-        limited.limiter = inbound.limiter  # type: ignore[attr-defined]
+        limited.inbound = inbound  # type: ignore[attr-defined]
         return limited  # type: ignore[return-value]
 
     return decorate
@@ -74,6 +78,10 @@ class Tenuto:
 
     `stats_path` (off by default) adds a JSON view of `cache.stats()`, served only when
     `stats_guard()` returns true: the view tells how the app's caches behave, so guard it.
+
+    `metrics_path` (off by default, e.g. "/metrics") adds a Prometheus scrape view of every
+    tenuto object in the process (`tenuto.metrics`; needs prometheus_client). Its labels
+    carry no cache keys, so it may stay unguarded; `metrics_guard()` can still restrict it.
     """
 
     def __init__(
@@ -83,6 +91,8 @@ class Tenuto:
         *,
         stats_path: str | None = None,
         stats_guard: Callable[[], bool] | None = None,
+        metrics_path: str | None = None,
+        metrics_guard: Callable[[], bool] | None = None,
     ) -> None:
         if stats_path is not None and cache is None:
             raise ValueError("stats_path needs cache=")
@@ -91,6 +101,12 @@ class Tenuto:
         self.cache = cache
         self.stats_path = stats_path
         self.stats_guard = stats_guard
+        self.metrics_path = metrics_path
+        self.metrics_guard = metrics_guard
+        if metrics_path is not None:
+            from tenuto import metrics
+
+            metrics.exposition()  # fails now, not at the first scrape, without prometheus_client
         if app is not None:
             self.init_app(app)
 
@@ -101,6 +117,8 @@ class Tenuto:
         app.teardown_request(self._close_scope)
         if self.stats_path is not None:
             app.add_url_rule(self.stats_path, "tenuto_stats", self._stats_view)
+        if self.metrics_path is not None:
+            app.add_url_rule(self.metrics_path, "tenuto_metrics", self._metrics_view)
 
     @staticmethod
     def _open_scope() -> None:
@@ -126,3 +144,11 @@ class Tenuto:
         if not self.stats_guard():
             abort(403)
         return jsonify(self.cache.stats())
+
+    def _metrics_view(self) -> Any:
+        from tenuto import metrics
+
+        if self.metrics_guard is not None and not self.metrics_guard():
+            abort(403)
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)

@@ -17,13 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::local::{Invalidated, Listener, LocalTier};
 use super::memory::{Entry, MemoryStore};
 use super::redis::StoreError;
+use super::topology::companion_key;
 use super::{check_ttl, Counters, State, Times, TtlPolicy};
 use crate::clock::ClockRef;
 use crate::codec::{decode_envelope, encode_envelope};
 use crate::error::{CoreError, CoreResult};
 use crate::flight::{Flight, Joined, LeaderGuard, Outcome, SingleFlight};
+use crate::metrics::UpstreamStats;
 use crate::sync::lock;
 
 /// The condition a server error reports: its error code (`OOM`, `READONLY`, `NOPERM`...)
@@ -124,6 +127,14 @@ pub trait Remote: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Outages seen so far.
     fn outages(&self) -> u64;
+    /// Asks the store to call `listener` when other clients change keys (and with
+    /// `Invalidation::All` whenever it may have missed some). Stores that cannot leave
+    /// the local tier to its TTL.
+    fn watch(&self, _listener: Listener) {}
+    /// How the local tier learns of other processes' writes through this store.
+    fn invalidated_by(&self) -> Invalidated {
+        Invalidated::ByTtlOnly
+    }
 }
 
 /// A value on its way into the cache: as the memory tier keeps it, and as JSON text (or
@@ -192,6 +203,8 @@ pub struct CallPolicy {
     pub negative: Option<Backoff>,
     /// None: no lock across processes (memory, or `distributed=False`).
     pub lock: Option<LockPolicy>,
+    /// The function's upstream calls (its loads and refreshes), for metrics.
+    pub upstream: Arc<UpstreamStats>,
 }
 
 impl CallPolicy {
@@ -215,6 +228,7 @@ impl CallPolicy {
             stale_ttl,
             negative,
             lock,
+            upstream: Arc::default(),
         })
     }
 }
@@ -226,6 +240,8 @@ pub struct Config {
     pub fail_open: bool,
     pub max_entries: u64,
     pub max_value_bytes: usize,
+    /// A local tier of this many entries, each served for at most this many seconds.
+    pub local: Option<(u64, i64)>,
 }
 
 /// A value to serve, with the state it was found in.
@@ -316,6 +332,18 @@ pub struct Stats {
     pub refused_writes: u64,
     /// Some keys live in memory because the server refused their writes.
     pub degraded_writes: bool,
+    /// The local tier: hits served by it, copies held, copies dropped by invalidations,
+    /// whole-tier flushes, and how it learns of changes.
+    pub local: Option<LocalStats>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalStats {
+    pub hits: u64,
+    pub size: u64,
+    pub invalidated: u64,
+    pub flushes: u64,
+    pub by: Invalidated,
 }
 
 pub struct Engine<V: Send + Sync + 'static, R: Remote> {
@@ -323,6 +351,8 @@ pub struct Engine<V: Send + Sync + 'static, R: Remote> {
     policy: TtlPolicy,
     clock: ClockRef,
     pub memory: MemoryStore<V>,
+    /// Copies of remote entries served without a round trip (see `local`).
+    local: Option<Arc<LocalTier<V>>>,
     remote: Option<Arc<R>>,
     fail_open: bool,
     max_value_bytes: usize,
@@ -364,7 +394,28 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         if config.max_value_bytes < 1 {
             return Err(CoreError::invalid("max_value_bytes must be at least 1"));
         }
+        let local = match (config.local, &remote) {
+            (None, _) => None,
+            (Some(_), None) => return Err(CoreError::invalid(
+                "local= puts an in-process tier in front of Redis; a memory cache is one already",
+            )),
+            (Some((max_entries, ttl)), Some(remote)) => {
+                let tier = Arc::new(LocalTier::new(
+                    max_entries,
+                    ttl,
+                    format!("{}:", config.namespace),
+                ));
+                let weak = Arc::downgrade(&tier);
+                remote.watch(Arc::new(move |what| {
+                    if let Some(tier) = weak.upgrade() {
+                        tier.invalidate(what);
+                    }
+                }));
+                Some(tier)
+            }
+        };
         Ok(Arc::new(Self {
+            local,
             policy: TtlPolicy::new(config.jitter)?,
             namespace: config.namespace,
             clock,
@@ -395,10 +446,11 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         self.clock.now_secs()
     }
 
-    /// True when operations go to the remote now (so they need the runtime); false when
-    /// they complete on memory at once.
+    /// True when operations may go to the remote (so they run on the runtime); false when
+    /// they complete on memory at once. A remote marked down counts: it can come back
+    /// between this answer and the operation, which must then be inside the runtime.
     pub fn uses_remote(&self) -> bool {
-        self.remote.as_ref().is_some_and(|r| !r.is_down())
+        self.remote.is_some()
     }
 
     /// The key under which `key` is stored remotely.
@@ -410,16 +462,17 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         k
     }
 
-    /// The value key and the cached call's own keys. Those use `|` where user keys have
-    /// `{namespace}:`, and namespaces may not contain `|`, so no user key names them and
-    /// `clear()` (which removes `{namespace}:*`) leaves them to expire on their own.
+    /// The value key and the cached call's own keys, in the value's cluster slot (see
+    /// `topology::companion_key`). Those start `{tag}|` where user keys start
+    /// `{namespace}:`, so no user key names them and `clear()` (which removes
+    /// `{namespace}:*`) leaves them to expire on their own.
     pub fn flight_keys(&self, key: &str) -> FlightKeys {
-        let ns = &self.namespace;
+        let value = self.remote_key(key);
         FlightKeys {
-            value: self.remote_key(key),
-            lock: format!("{ns}|lock|{key}"),
-            waiters: format!("{ns}|waiters|{key}"),
-            done: format!("{ns}|done|{key}"),
+            lock: companion_key(&value, "lock"),
+            waiters: companion_key(&value, "waiters"),
+            done: companion_key(&value, "done"),
+            value,
         }
     }
 
@@ -483,6 +536,9 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 let recovered = refused.is_empty();
                 drop(refused);
                 self.memory.remove(key);
+                if let Some(local) = &self.local {
+                    local.put(key, entry, self.now());
+                }
                 if recovered {
                     // Writes go through again: a condition that comes back is news.
                     let mut logged = lock(&self.logged);
@@ -501,8 +557,41 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 }
                 drop(refused);
                 self.memory.insert(Arc::clone(key), Arc::clone(entry));
+                if let Some(local) = &self.local {
+                    local.remove(key);
+                }
             }
         }
+    }
+
+    /// A local copy of `key` to serve now, if there is one.
+    fn local_copy(&self, key: &str) -> Option<Arc<Entry<V>>> {
+        let local = self.local.as_ref()?;
+        let now = self.now();
+        local
+            .get(key, now)
+            .filter(|entry| entry.times.state(now) != State::Miss)
+    }
+
+    /// A fresh local copy of `key` (the bindings' fast path for a local tier).
+    pub fn local_hit(&self, key: &str) -> Option<Arc<Entry<V>>> {
+        self.local_copy(key)
+            .filter(|entry| self.state_of(entry) == State::Hit)
+    }
+
+    pub fn has_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Keeps what the remote answered for `key` (read after `mark`) in the local tier.
+    fn fill_local(&self, key: &str, entry: &Option<Arc<Entry<V>>>, mark: u64) {
+        if let (Some(local), Some(entry)) = (&self.local, entry) {
+            local.fill(key, entry, self.now(), mark);
+        }
+    }
+
+    fn local_mark(&self) -> u64 {
+        self.local.as_ref().map_or(0, |l| l.mark())
     }
 
     fn state_of(&self, entry: &Entry<V>) -> State {
@@ -562,13 +651,23 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     async fn read(&self, key: &str, decoder: &dyn Decode<V>) -> CoreResult<Option<Arc<Entry<V>>>> {
         match self.route()? {
             Route::Memory => Ok(self.memory.get(key)),
-            Route::Remote(remote) => match remote.get(self.remote_key(key)).await {
-                Ok(bytes) => Ok(self.remote_or_memory(key, bytes, decoder)),
-                Err(err) => {
-                    self.absorb(err)?;
-                    Ok(self.memory.get(key))
+            Route::Remote(remote) => {
+                if let Some(copy) = self.local_copy(key) {
+                    return Ok(Some(copy));
                 }
-            },
+                let mark = self.local_mark();
+                match remote.get(self.remote_key(key)).await {
+                    Ok(bytes) => {
+                        let entry = self.remote_or_memory(key, bytes, decoder);
+                        self.fill_local(key, &entry, mark);
+                        Ok(entry)
+                    }
+                    Err(err) => {
+                        self.absorb(err)?;
+                        Ok(self.memory.get(key))
+                    }
+                }
+            }
         }
     }
 
@@ -591,18 +690,30 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         let entries: Vec<Option<Arc<Entry<V>>>> = match self.route()? {
             Route::Memory => keys.iter().map(|k| self.memory.get(k)).collect(),
             Route::Remote(remote) => {
-                let remote_keys = keys.iter().map(|k| self.remote_key(k)).collect();
-                match remote.mget(remote_keys).await {
-                    Ok(values) => keys
-                        .iter()
-                        .zip(values)
-                        .map(|(k, b)| self.remote_or_memory(k, b, decoder))
-                        .collect(),
-                    Err(err) => {
-                        self.absorb(err)?;
-                        keys.iter().map(|k| self.memory.get(k)).collect()
+                let mut entries: Vec<Option<Arc<Entry<V>>>> =
+                    keys.iter().map(|k| self.local_copy(k)).collect();
+                let wanted: Vec<usize> =
+                    (0..keys.len()).filter(|&i| entries[i].is_none()).collect();
+                if !wanted.is_empty() {
+                    let mark = self.local_mark();
+                    let remote_keys = wanted.iter().map(|&i| self.remote_key(&keys[i])).collect();
+                    match remote.mget(remote_keys).await {
+                        Ok(values) => {
+                            for (&i, bytes) in wanted.iter().zip(values) {
+                                let entry = self.remote_or_memory(&keys[i], bytes, decoder);
+                                self.fill_local(&keys[i], &entry, mark);
+                                entries[i] = entry;
+                            }
+                        }
+                        Err(err) => {
+                            self.absorb(err)?;
+                            for &i in &wanted {
+                                entries[i] = self.memory.get(&keys[i]);
+                            }
+                        }
                     }
                 }
+                entries
             }
         };
         Ok(entries.into_iter().map(|e| self.found(e, true)).collect())
@@ -685,6 +796,9 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         for key in &keys {
             removed += u64::from(self.memory.remove(key));
             lock(&self.refused).remove(key.as_str());
+            if let Some(local) = &self.local {
+                local.remove(key);
+            }
         }
         if let Route::Remote(remote) = self.route()? {
             let remote_keys = keys.iter().map(|k| self.remote_key(k)).collect();
@@ -702,6 +816,9 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// Empties the memory tier and deletes the namespace's keys remotely.
     pub async fn clear(&self) -> CoreResult<()> {
         self.memory.clear();
+        if let Some(local) = &self.local {
+            local.flush();
+        }
         lock(&self.refused).clear();
         if let Route::Remote(remote) = self.route()? {
             let prefix = format!("{}:", self.namespace);
@@ -731,6 +848,19 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             degraded: self.remote.as_ref().is_some_and(|r| r.is_down()),
             refused_writes: self.refused_writes.load(Ordering::Relaxed),
             degraded_writes: !lock(&self.refused).is_empty(),
+            local: self.local.as_ref().map(|l| LocalStats {
+                hits: l.hits.load(Ordering::Relaxed),
+                size: l.len(),
+                invalidated: l.dropped.load(Ordering::Relaxed),
+                flushes: l.flushes.load(Ordering::Relaxed),
+                by: match l.mode() {
+                    Invalidated::Pending => self
+                        .remote
+                        .as_ref()
+                        .map_or(Invalidated::Pending, |r| r.invalidated_by()),
+                    mode => mode,
+                },
+            }),
         }
     }
 
@@ -764,6 +894,25 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
     /// the memory generation a caller read first and what it found then; while the
     /// generation has not moved, that answer is still current and memory is not read again.
     pub async fn begin(
+        self: &Arc<Self>,
+        key: &str,
+        policy: &CallPolicy,
+        decoder: &dyn Decode<V>,
+        force: bool,
+        blocking: bool,
+        seen: Option<(u64, Option<Arc<Entry<V>>>)>,
+    ) -> CoreResult<Begin<V, R>> {
+        let mut begin = self
+            .begin_flight(key, policy, decoder, force, blocking, seen)
+            .await?;
+        if let Begin::Load(ticket) | Begin::Refresh(_, ticket) = &mut begin {
+            // The caller calls the upstream now: `store` or `fail` counts how it went.
+            ticket.upstream = Some((Arc::clone(&policy.upstream), std::time::Instant::now()));
+        }
+        Ok(begin)
+    }
+
+    async fn begin_flight(
         self: &Arc<Self>,
         key: &str,
         policy: &CallPolicy,
@@ -871,6 +1020,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                             flight: Some(TicketFlight::Refresh(refresh)),
                             prior: Some(entry),
                             lock,
+                            upstream: None,
                         };
                         Begin::Refresh(served, ticket)
                     }
@@ -885,6 +1035,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                     flight: Some(TicketFlight::Load(guard)),
                     prior,
                     lock,
+                    upstream: None,
                 })
             }
         }
@@ -899,6 +1050,14 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
         decoder: &dyn Decode<V>,
         force: bool,
     ) -> CoreResult<Begin<V, R>> {
+        if !force {
+            if let Some(copy) = self.local_copy(key) {
+                if self.state_of(&copy) == State::Hit {
+                    return Ok(self.decide(key, guard, Some(copy), None, false));
+                }
+            }
+        }
+        let mark = self.local_mark();
         let Some(lock_policy) = policy.lock else {
             let prior = match remote.get(self.remote_key(key)).await {
                 Ok(bytes) => self.remote_or_memory(key, bytes, decoder),
@@ -939,6 +1098,7 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
                 }
             };
             let prior = self.remote_or_memory(key, bytes, decoder);
+            self.fill_local(key, &prior, mark);
             let state = prior.as_ref().map_or(State::Miss, |e| self.state_of(e));
             let mut held = (reply == LockReply::Taken).then(|| HeldLock {
                 remote: Arc::clone(&remote),
@@ -1082,6 +1242,8 @@ pub struct Ticket<V: Send + Sync + 'static, R: Remote> {
     flight: Option<TicketFlight<V>>,
     prior: Option<Arc<Entry<V>>>,
     lock: Option<HeldLock<R>>,
+    /// Where the upstream call this ticket stands for is counted, and when it began.
+    upstream: Option<(Arc<UpstreamStats>, std::time::Instant)>,
 }
 
 impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
@@ -1127,6 +1289,7 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
     /// Stores a planned value (write, unlock and wake waiters in one round trip) and shares
     /// it with every caller waiting for it.
     pub async fn store(mut self, write: Write<V>) -> CoreResult<Served<V>> {
+        self.record_upstream(true);
         let engine = Arc::clone(&self.engine);
         let lock = self.lock.take();
         let result = match (engine.route(), lock) {
@@ -1168,6 +1331,7 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
     /// The function failed: serve the prior value if it can still be served
     /// (stale-if-error; nothing is written), else share the error with every waiter.
     pub fn fail(mut self, error: V) -> Result<Served<V>, Failure<V>> {
+        self.record_upstream(false);
         drop(self.lock.take());
         let servable = self
             .prior
@@ -1192,6 +1356,12 @@ impl<V: Send + Sync + 'static, R: Remote> Ticket<V, R> {
                 }
                 Err(Failure(outcome))
             }
+        }
+    }
+
+    fn record_upstream(&mut self, ok: bool) {
+        if let Some((stats, began)) = self.upstream.take() {
+            stats.record(ok, began.elapsed());
         }
     }
 

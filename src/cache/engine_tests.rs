@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
 
 use super::*;
+use crate::cache::local::Invalidation;
 use crate::clock::{Clock, ManualClock};
+use crate::codec::encode_envelope;
 use crate::runtime::block_on;
 
 const T0: i64 = 1_700_000_000;
@@ -23,9 +25,15 @@ struct MockRemote {
     refuse_writes: AtomicBool,
     refuse_locks: AtomicBool,
     commands: AtomicUsize,
+    listener: Mutex<Option<Listener>>,
 }
 
 impl MockRemote {
+    fn push(&self, what: Invalidation) {
+        let listener = self.listener.lock().unwrap().clone();
+        (listener.expect("the engine watches its remote"))(what);
+    }
+
     fn command(&self) -> Result<(), StoreError> {
         self.commands.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
@@ -58,6 +66,10 @@ impl Remote for MockRemote {
 
     fn outages(&self) -> u64 {
         0
+    }
+
+    fn watch(&self, listener: Listener) {
+        *self.listener.lock().unwrap() = Some(listener);
     }
 
     async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
@@ -187,6 +199,16 @@ impl Decode<String> for Text {
     }
 }
 
+/// What Redis would hold for `text`, fresh for an hour from T0.
+fn envelope(text: &str) -> Vec<u8> {
+    let times = Times {
+        fetched_at: T0,
+        fresh_until: T0 + 3600,
+        stale_until: T0 + 7200,
+    };
+    encode_envelope(&serde_json::to_string(text).unwrap(), times, None, 0)
+}
+
 fn prepared(text: &str) -> Prepared<String> {
     Prepared {
         value: text.to_owned(),
@@ -205,8 +227,25 @@ fn engine(remote: Option<Arc<MockRemote>>, fail_open: bool) -> (TestEngine, Arc<
         fail_open,
         max_entries: 1000,
         max_value_bytes: 1 << 20,
+        local: None,
     };
     let engine = Engine::new(config, clock.clone(), remote).unwrap();
+    (engine, clock)
+}
+
+/// An engine with a local tier of 100 entries served for `local_ttl` seconds; the
+/// listener the mock remote was given, to push invalidations by hand.
+fn engine_with_local(remote: Arc<MockRemote>, local_ttl: i64) -> (TestEngine, Arc<ManualClock>) {
+    let clock = ManualClock::new(T0 * 1_000_000_000);
+    let config = Config {
+        namespace: "ns".into(),
+        jitter: 0.0,
+        fail_open: true,
+        max_entries: 1000,
+        max_value_bytes: 1 << 20,
+        local: Some((100, local_ttl)),
+    };
+    let engine = Engine::new(config, clock.clone(), Some(remote)).unwrap();
     (engine, clock)
 }
 
@@ -275,6 +314,78 @@ fn state(e: &TestEngine) -> State {
 }
 
 #[test]
+fn the_local_tier_serves_without_the_remote_until_told_or_expired() {
+    let remote = Arc::new(MockRemote::default());
+    let (e, clock) = engine_with_local(Arc::clone(&remote), 5);
+    let write = e
+        .plan_write("k".into(), prepared("v1"), 300.0, None)
+        .unwrap();
+    block_on(e.commit(vec![write])).unwrap();
+    let before = remote.commands();
+    let found = block_on(e.get("k", &Text, true)).unwrap();
+    assert_eq!(found.entry.unwrap().value, "v1");
+    assert_eq!(remote.commands(), before, "its own write is served locally");
+    // Another process writes: the push drops the copy, the next read goes remote.
+    remote.set("ns:k", envelope("v2")).unwrap();
+    remote.push(Invalidation::Keys(vec![b"ns:k".to_vec()]));
+    assert_eq!(
+        block_on(e.get("k", &Text, true))
+            .unwrap()
+            .entry
+            .unwrap()
+            .value,
+        "v2"
+    );
+    assert_eq!(remote.commands(), before + 1);
+    // A lost push: the copy stands for local_ttl at most.
+    remote.set("ns:k", envelope("v3")).unwrap();
+    advance(&clock, 4);
+    assert_eq!(
+        block_on(e.get("k", &Text, true))
+            .unwrap()
+            .entry
+            .unwrap()
+            .value,
+        "v2"
+    );
+    advance(&clock, 1);
+    assert_eq!(
+        block_on(e.get("k", &Text, true))
+            .unwrap()
+            .entry
+            .unwrap()
+            .value,
+        "v3"
+    );
+    // A new connection may have missed pushes: everything goes.
+    remote.set("ns:k", envelope("v4")).unwrap();
+    remote.push(Invalidation::All);
+    assert_eq!(
+        block_on(e.get("k", &Text, true))
+            .unwrap()
+            .entry
+            .unwrap()
+            .value,
+        "v4"
+    );
+    assert_eq!(e.stats().local.unwrap().hits, 2);
+}
+
+#[test]
+fn a_local_tier_needs_a_remote() {
+    let clock = ManualClock::new(0);
+    let config = Config {
+        namespace: "ns".into(),
+        jitter: 0.0,
+        fail_open: true,
+        max_entries: 10,
+        max_value_bytes: 1 << 20,
+        local: Some((10, 5)),
+    };
+    assert!(Engine::<String, MockRemote>::new(config, clock, None).is_err());
+}
+
+#[test]
 fn hit_stale_miss_on_memory() {
     let (e, clock) = engine(None, true);
     let p = policy(false);
@@ -305,6 +416,12 @@ fn hit_stale_miss_on_memory() {
     assert_eq!(call(&e, &p, Ok("v4")), (Ok("v4".into()), true));
     let stats = e.stats();
     assert_eq!((stats.hits, stats.stale_hits), (2, 2));
+    let upstream = p.upstream.seconds.snapshot();
+    assert_eq!(
+        upstream.count, 3,
+        "two loads and one refresh called the upstream"
+    );
+    assert_eq!(p.upstream.ok.load(Ordering::Relaxed), 3);
 }
 
 #[test]

@@ -55,6 +55,8 @@ struct Slot<V> {
     /// The shard's use counter at the last read or write (higher: used more recently).
     used: u64,
     reclaim_at: Instant,
+    /// On the caller's clock (seconds): a local-tier copy is not served from then on.
+    until: i64,
 }
 
 struct Shard<V> {
@@ -157,9 +159,15 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Entry<V>>> {
+        self.get_until(key, i64::MIN)
+    }
+
+    /// The entry of `key` unless it was inserted to be served only before `now` (see
+    /// `insert_until`).
+    pub fn get_until(&self, key: &str, now: i64) -> Option<Arc<Entry<V>>> {
         let mut shard = lock(self.shard(key));
         let i = *shard.index.get(key)?;
-        if shard.slots[i].reclaim_at <= Instant::now() {
+        if shard.slots[i].reclaim_at <= Instant::now() || shard.slots[i].until <= now {
             let gone = shard.remove_at(i);
             drop(shard);
             drop(gone);
@@ -174,6 +182,11 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
     }
 
     pub fn insert(&self, key: Arc<str>, entry: Arc<Entry<V>>) {
+        self.insert_until(key, entry, i64::MAX);
+    }
+
+    /// Inserts an entry that `get_until(key, now)` serves only while `now < until`.
+    pub fn insert_until(&self, key: Arc<str>, entry: Arc<Entry<V>>, until: i64) {
         let now = Instant::now();
         let reclaim_at = now + entry.keep_for;
         let mut shard = lock(self.shard(&key));
@@ -184,6 +197,7 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
             let slot = &mut shard.slots[i];
             slot.used = used;
             slot.reclaim_at = reclaim_at;
+            slot.until = until;
             Some(std::mem::replace(&mut slot.entry, entry))
         } else {
             let evicted = if shard.slots.len() >= shard.capacity {
@@ -202,6 +216,7 @@ impl<V: Send + Sync + 'static> MemoryStore<V> {
                 entry,
                 used,
                 reclaim_at,
+                until,
             });
             shard.index.insert(key, at);
             evicted.map(|slot| slot.entry)

@@ -5,11 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{CoreError, CoreResult};
 
+pub mod conn;
 pub mod engine;
+pub mod local;
 pub mod memory;
 #[cfg(feature = "python")]
 pub mod py;
 pub mod redis;
+pub mod topology;
 
 /// The three integer epoch-second stamps of an envelope; bounds are inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,41 @@ pub fn check_ttl(name: &str, seconds: f64) -> CoreResult<f64> {
         )));
     }
     Ok(seconds)
+}
+
+/// Reads a duration written with a unit: `"90s"`, `"15m"`, `"2h"`, `"90d"`, `"1w"`,
+/// `"500ms"`, decimals allowed (`"1.5h"`), spaces around ignored. The host apps' TTLs are
+/// days (90 d, 180 d), easier to read this way than as 7776000.
+pub fn parse_duration(name: &str, text: &str) -> CoreResult<f64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_seconds = match unit.trim() {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3_600.0,
+        "d" => 86_400.0,
+        "w" => 604_800.0,
+        "" => {
+            return Err(CoreError::invalid(format!(
+                "{name} {text:?} needs a unit: ms, s, m, h, d or w (e.g. \"90s\", \"15m\", \"90d\"), or pass a number of seconds"
+            )))
+        }
+        other => {
+            return Err(CoreError::invalid(format!(
+                "{name} {text:?} has an unknown unit {other:?}: use ms, s, m, h, d or w"
+            )))
+        }
+    };
+    let value: f64 = number.parse().map_err(|_| {
+        CoreError::invalid(format!(
+            "{name} {text:?} is not a duration like \"90s\", \"15m\", \"2h\" or \"90d\""
+        ))
+    })?;
+    check_ttl(name, value * unit_seconds)
 }
 
 /// `check_ttl` as a `Duration`.
@@ -171,6 +209,31 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_with_units() {
+        assert_eq!(parse_duration("ttl", "90s").unwrap(), 90.0);
+        assert_eq!(parse_duration("ttl", "15m").unwrap(), 900.0);
+        assert_eq!(parse_duration("ttl", " 2h ").unwrap(), 7200.0);
+        assert_eq!(parse_duration("ttl", "90d").unwrap(), 7_776_000.0);
+        assert_eq!(parse_duration("ttl", "1.5h").unwrap(), 5400.0);
+        assert_eq!(parse_duration("ttl", "500ms").unwrap(), 0.5);
+        assert_eq!(parse_duration("ttl", "1w").unwrap(), 604_800.0);
+        for bad in [
+            "60",
+            "5x",
+            "m",
+            "",
+            "-5s",
+            "0s",
+            "1e400s",
+            "1.2.3h",
+            "5 minutes",
+        ] {
+            let err = parse_duration("ttl", bad).unwrap_err().to_string();
+            assert!(err.contains("ttl"), "{bad}: {err}");
+        }
+    }
 
     fn times(fresh_until: i64, stale_until: i64) -> Times {
         Times {

@@ -14,9 +14,10 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyString};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 use super::engine::{Config, Decode, Engine, Found, Prepared, Write};
+use super::local::Invalidated;
 use super::memory::Entry;
 use super::redis::{RedisConfig, RedisStore, StoreError, SCHEMES};
 use super::{State, Times};
@@ -440,6 +441,8 @@ where
 pub struct CacheBinding {
     pub(crate) engine: Arc<PyEngine>,
     url: String,
+    /// The TTL of a `set` or a bare `@cache.cached` that names none.
+    pub(crate) default_ttl: Option<f64>,
     pub(crate) serializer: Serializer,
     pub(crate) decoder: Arc<PyDecoder>,
     pub(crate) clock: PyClock,
@@ -455,6 +458,19 @@ impl CacheBinding {
         Ok(self.engine.route_remote()?)
     }
 
+    /// `ttl` in seconds, or the cache's `default_ttl` when it is None.
+    pub(crate) fn ttl_or_default(&self, ttl: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+        match ttl {
+            Some(ttl) if !ttl.is_none() => seconds_arg("ttl", ttl),
+            _ => self.default_ttl.ok_or_else(|| {
+                PyTypeError::new_err(
+                    "ttl= is needed (seconds, a timedelta or \"5m\"), or give the cache a \
+                     default: Cache(..., default_ttl=...)",
+                )
+            }),
+        }
+    }
+
     /// Counts a failed Redis call; raises unless the cache fails open.
     pub(crate) fn absorb(&self, err: StoreError) -> PyResult<()> {
         Ok(self.engine.absorb(err)?)
@@ -462,6 +478,85 @@ impl CacheBinding {
 
     pub(crate) fn uses_remote(&self) -> bool {
         self.engine.uses_remote()
+    }
+
+    /// `Cache.stats()`: counters and state as a plain dict.
+    pub(crate) fn stats_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let engine = Arc::clone(&self.engine);
+        let s = py.detach(move || engine.stats());
+        release_pending(py);
+        let lookups = s.hits + s.stale_hits + s.misses;
+        let rate = |n: u64| {
+            if lookups == 0 {
+                0.0
+            } else {
+                n as f64 / lookups as f64
+            }
+        };
+        let d = PyDict::new(py);
+        d.set_item(
+            "backend",
+            if self.engine.remote().is_some() {
+                "redis"
+            } else {
+                "memory"
+            },
+        )?;
+        d.set_item("url", &self.url)?;
+        d.set_item("namespace", self.engine.namespace())?;
+        d.set_item("degraded", s.degraded)?;
+        d.set_item("degraded_writes", s.degraded_writes)?;
+        let policy = self.engine.remote().and_then(|r| r.eviction_policy());
+        d.set_item(
+            "evicts_tenuto_state",
+            policy.as_deref().is_some_and(|p| p.starts_with("allkeys-")),
+        )?;
+        d.set_item("maxmemory_policy", policy)?;
+        d.set_item("refused_writes", s.refused_writes)?;
+        d.set_item("hits", s.hits)?;
+        d.set_item("stale_hits", s.stale_hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("sets", s.sets)?;
+        d.set_item("deletes", s.deletes)?;
+        d.set_item("errors", s.decode_errors + s.backend_errors)?;
+        d.set_item("decode_errors", s.decode_errors)?;
+        d.set_item("backend_errors", s.backend_errors)?;
+        d.set_item("outages", s.outages)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("size", s.size)?;
+        d.set_item("coalesced", s.coalesced)?;
+        d.set_item("loads", s.loads)?;
+        d.set_item("hit_rate", rate(s.hits))?;
+        d.set_item("stale_rate", rate(s.stale_hits))?;
+        if let Some(local) = &s.local {
+            d.set_item("local_hits", local.hits)?;
+            d.set_item("local_size", local.size)?;
+            d.set_item("local_invalidated", local.invalidated)?;
+            d.set_item("local_flushes", local.flushes)?;
+            d.set_item(
+                "local_invalidation",
+                match local.by {
+                    Invalidated::Pending => "pending",
+                    Invalidated::ByServer => "server",
+                    Invalidated::ByTtlOnly => "ttl",
+                },
+            )?;
+        }
+        if let Some(store) = self.engine.remote().filter(|r| r.is_cluster()) {
+            let store = Arc::clone(store);
+            let health =
+                py.detach(move || runtime::block_on(async move { store.node_health().await }));
+            let nodes = PyList::empty(py);
+            for (node, reachable) in health {
+                let n = PyDict::new(py);
+                n.set_item("address", format!("{}:{}", node.host, node.port))?;
+                n.set_item("slots", node.slots)?;
+                n.set_item("reachable", reachable)?;
+                nodes.append(n)?;
+            }
+            d.set_item("nodes", nodes)?;
+        }
+        Ok(d)
     }
 
     fn lookup(&self, py: Python<'_>, found: Found<PyObj>) -> PyResult<PyLookup> {
@@ -477,10 +572,10 @@ impl CacheBinding {
         py: Python<'_>,
         key: String,
         value: &Bound<'_, PyAny>,
-        ttl: &Bound<'_, PyAny>,
+        ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write<PyObj>> {
-        let ttl = seconds_arg("ttl", ttl)?;
+        let ttl = self.ttl_or_default(ttl)?;
         let stale_ttl = match stale_ttl {
             Some(s) if !s.is_none() => Some(seconds_arg("stale_ttl", s)?),
             _ => None,
@@ -517,17 +612,31 @@ pub(crate) fn seconds_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64>
             "{name} must be a number of seconds, not bool"
         )));
     }
-    let seconds = value.extract::<f64>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a number of seconds, not {}",
-            value
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })?;
-    Ok(super::check_ttl(name, seconds)?)
+    if let Ok(seconds) = value.extract::<f64>() {
+        return Ok(super::check_ttl(name, seconds)?);
+    }
+    if let Ok(text) = value.cast::<PyString>() {
+        return Ok(super::parse_duration(name, text.to_str()?)?);
+    }
+    // datetime.timedelta (duck-typed: the limited C API has no timedelta type).
+    let py = value.py();
+    let timedelta = py
+        .import(intern!(py, "datetime"))?
+        .getattr(intern!(py, "timedelta"))?;
+    if value.is_instance(&timedelta)? {
+        let seconds: f64 = value
+            .call_method0(intern!(py, "total_seconds"))?
+            .extract()?;
+        return Ok(super::check_ttl(name, seconds)?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "{name} must be a number of seconds, a datetime.timedelta or a string like \"90s\" / \"15m\" / \"90d\", not {}",
+        value
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    )))
 }
 
 /// A keyed envelope cache on memory or Redis/Valkey, with fail-open fallback to memory.
@@ -546,7 +655,7 @@ fn parse_backend(url: Option<&str>) -> PyResult<Option<String>> {
         return Ok(Some(url.to_string()));
     }
     Err(PyValueError::new_err(format!(
-        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey:// or valkeys://",
+        "unsupported cache URL {:?}: expected memory://, redis://, rediss://, valkey://, valkeys:// or one of them with +cluster",
         super::redis::redact(url)
     )))
 }
@@ -602,9 +711,6 @@ impl PyCache {
         ttl: Option<&Bound<'_, PyAny>>,
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PlannedMany> {
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set_many() needs ttl= (seconds the values stay fresh)")
-        })?;
         let items = mapping.call_method0("items").map_err(|_| {
             PyTypeError::new_err("set_many() takes a mapping of str keys to values")
         })?;
@@ -628,11 +734,40 @@ impl PyCache {
         stale_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write<PyObj>> {
         let key = key_str(key)?.to_owned();
-        let ttl = ttl.ok_or_else(|| {
-            PyTypeError::new_err("set() needs ttl= (seconds the value stays fresh)")
-        })?;
         self.binding.plan(py, key, value, ttl, stale_ttl)
     }
+}
+
+/// The TTL (seconds) a `cached()` call names, or the cache's default.
+fn self_ttl(cache: &Bound<'_, PyCache>, ttl: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+    cache.get().binding.ttl_or_default(ttl).map_err(|err| {
+        if ttl.is_none_or(|t| t.is_none()) {
+            PyTypeError::new_err(
+                "@cache.cached needs ttl= (seconds, a timedelta or \"5m\"), or a cache with \
+                 a default: Cache(..., default_ttl=...)",
+            )
+        } else {
+            err
+        }
+    })
+}
+
+/// Every cache alive in this process, for an exporter to read at scrape time.
+static LIVE_CACHES: std::sync::Mutex<Vec<std::sync::Weak<CacheBinding>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `stats()` of every live cache (metrics exporters read this at scrape time).
+#[pyfunction]
+pub fn all_cache_stats<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    let live: Vec<Arc<CacheBinding>> = crate::sync::lock(&LIVE_CACHES)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let out = PyList::empty(py);
+    for cache in live {
+        out.append(cache.stats_dict(py)?)?;
+    }
+    Ok(out)
 }
 
 #[pymethods]
@@ -641,9 +776,9 @@ impl PyCache {
     #[pyo3(signature = (
         url = None, namespace = "app", max_entries = Count(10_000), jitter = 0.1, fail_open = true,
         *, serializer = "json", max_value_bytes = Count(16 * 1024 * 1024), connect_timeout = 0.25,
-        command_timeout = 1.0, clock = None
+        command_timeout = 1.0, clock = None, local = None, local_ttl = None, default_ttl = None
     ),
-    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None)")]
+    text_signature = "(url=None, namespace='app', max_entries=10000, jitter=0.1, fail_open=True, *, serializer='json', max_value_bytes=16777216, connect_timeout=0.25, command_timeout=1.0, clock=None, local=None, local_ttl=5.0, default_ttl=None)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -657,8 +792,35 @@ impl PyCache {
         connect_timeout: f64,
         command_timeout: f64,
         clock: Option<&Bound<'_, PyAny>>,
+        local: Option<Count>,
+        local_ttl: Option<&Bound<'_, PyAny>>,
+        default_ttl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let default_ttl = match default_ttl {
+            Some(ttl) if !ttl.is_none() => Some(seconds_arg("default_ttl", ttl)?),
+            _ => None,
+        };
+        let local_ttl = match local_ttl {
+            Some(ttl) if !ttl.is_none() => seconds_arg("local_ttl", ttl)?,
+            _ => 5.0,
+        };
         let (Count(max_entries), Count(max_value_bytes)) = (max_entries, max_value_bytes);
+        let local = match local {
+            None => None,
+            Some(Count(n)) if n < 1 => {
+                return Err(PyValueError::new_err(format!(
+                    "local must be a number of entries of at least 1, got {n}"
+                )))
+            }
+            Some(Count(n)) => {
+                if !(local_ttl.is_finite() && (1.0..=86_400.0).contains(&local_ttl)) {
+                    return Err(PyValueError::new_err(format!(
+                        "local_ttl must be between 1 and 86400 seconds, got {local_ttl}"
+                    )));
+                }
+                Some((n as u64, local_ttl.ceil() as i64))
+            }
+        };
         if namespace.is_empty() {
             return Err(PyValueError::new_err("namespace must not be empty"));
         }
@@ -685,6 +847,7 @@ impl PyCache {
                 url: url.clone(),
                 connect_timeout: timeout_arg("connect_timeout", connect_timeout)?,
                 command_timeout: timeout_arg("command_timeout", command_timeout)?,
+                tracking_prefix: local.map(|_| format!("{namespace}:")),
             })?),
             None => None,
         };
@@ -699,17 +862,21 @@ impl PyCache {
             fail_open,
             max_entries: max_entries as u64,
             max_value_bytes: max_value_bytes as usize,
+            local,
         };
         let engine = Engine::new(config, clock_ref(&clock, py), redis)?;
-        Ok(Self {
-            binding: Arc::new(CacheBinding {
-                engine,
-                url,
-                serializer,
-                decoder: Arc::new(PyDecoder::new(serializer, None)),
-                clock,
-            }),
-        })
+        let binding = Arc::new(CacheBinding {
+            engine,
+            url,
+            default_ttl,
+            serializer,
+            decoder: Arc::new(PyDecoder::new(serializer, None)),
+            clock,
+        });
+        let mut live = crate::sync::lock(&LIVE_CACHES);
+        live.retain(|c| c.strong_count() > 0);
+        live.push(Arc::downgrade(&binding));
+        Ok(Self { binding })
     }
 
     /// A cache on `TENUTO_URL`, else `REDIS_URL`, else memory; other options as for `Cache`.
@@ -750,6 +917,16 @@ impl PyCache {
     #[getter]
     fn url(&self) -> &str {
         &self.binding.url
+    }
+
+    /// The Redis URL with its password, for tenuto objects that share this cache's Redis
+    /// (inbound limits); None on memory. Not for display: `url` hides the password.
+    #[getter]
+    fn _connection_url(&self) -> Option<String> {
+        self.binding
+            .engine
+            .remote()
+            .map(|r| r.connection_url().to_owned())
     }
 
     #[getter]
@@ -913,50 +1090,7 @@ impl PyCache {
 
     /// Counters and backend health as a plain dict (no I/O).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let engine = Arc::clone(&self.binding.engine);
-        let s = py.detach(move || engine.stats());
-        release_pending(py);
-        let lookups = s.hits + s.stale_hits + s.misses;
-        let rate = |n: u64| {
-            if lookups == 0 {
-                0.0
-            } else {
-                n as f64 / lookups as f64
-            }
-        };
-        let d = PyDict::new(py);
-        d.set_item("backend", self.backend())?;
-        d.set_item("url", &self.binding.url)?;
-        d.set_item("namespace", self.binding.engine.namespace())?;
-        d.set_item("degraded", s.degraded)?;
-        d.set_item("degraded_writes", s.degraded_writes)?;
-        let policy = self
-            .binding
-            .engine
-            .remote()
-            .and_then(|r| r.eviction_policy());
-        d.set_item(
-            "evicts_tenuto_state",
-            policy.as_deref().is_some_and(|p| p.starts_with("allkeys-")),
-        )?;
-        d.set_item("maxmemory_policy", policy)?;
-        d.set_item("refused_writes", s.refused_writes)?;
-        d.set_item("hits", s.hits)?;
-        d.set_item("stale_hits", s.stale_hits)?;
-        d.set_item("misses", s.misses)?;
-        d.set_item("sets", s.sets)?;
-        d.set_item("deletes", s.deletes)?;
-        d.set_item("errors", s.decode_errors + s.backend_errors)?;
-        d.set_item("decode_errors", s.decode_errors)?;
-        d.set_item("backend_errors", s.backend_errors)?;
-        d.set_item("outages", s.outages)?;
-        d.set_item("evictions", s.evictions)?;
-        d.set_item("size", s.size)?;
-        d.set_item("coalesced", s.coalesced)?;
-        d.set_item("loads", s.loads)?;
-        d.set_item("hit_rate", rate(s.hits))?;
-        d.set_item("stale_rate", rate(s.stale_hits))?;
-        Ok(d)
+        self.binding.stats_dict(py)
     }
 
     /// The full Redis key (namespace included) under which `key` is stored.
@@ -967,13 +1101,14 @@ impl PyCache {
     /// Decorator caching a function's results in this cache, for sync and `async def`
     /// functions alike (see `tenuto.Cache.cached` in the README).
     #[pyo3(signature = (
-        ttl, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
-        *, lock_ttl = None, wait_timeout = None, breaker = None, r#type = None, isolated = false
+        ttl = None, stale_ttl = None, name = None, key = None, negative = None, distributed = None,
+        *, lock_ttl = None, wait_timeout = None, breaker = None, r#type = None, isolated = false,
+        **others
     ))]
     #[allow(clippy::too_many_arguments)]
     fn cached<'py>(
         slf: &Bound<'py, Self>,
-        ttl: &Bound<'py, PyAny>,
+        ttl: Option<&Bound<'py, PyAny>>,
         stale_ttl: Option<&Bound<'py, PyAny>>,
         name: Option<&Bound<'py, PyAny>>,
         key: Option<&Bound<'py, PyAny>>,
@@ -984,8 +1119,31 @@ impl PyCache {
         breaker: Option<&Bound<'py, PyAny>>,
         r#type: Option<&Bound<'py, PyAny>>,
         isolated: bool,
+        others: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        if let Some((name, _)) = others.and_then(|o| o.iter().next()) {
+            let name = name.to_string();
+            let hint = if ["timeout", "expire", "expires", "expiry", "ttl_seconds"]
+                .contains(&name.as_str())
+            {
+                " (other caches call it that; tenuto's is ttl=, in seconds, a timedelta or \"5m\")"
+            } else {
+                ""
+            };
+            return Err(PyTypeError::new_err(format!(
+                "cached() got an unexpected keyword argument {name:?}{hint}"
+            )));
+        }
+        // A bare `@cache.cached` receives the function itself: cache it with default_ttl.
+        let bare = ttl
+            .filter(|t| t.is_callable() && seconds_arg("ttl", t).is_err())
+            .cloned();
+        let ttl = match &bare {
+            Some(_) => None,
+            None => ttl,
+        };
+        let ttl = self_ttl(slf, ttl)?;
         let kwargs = PyDict::new(py);
         kwargs.set_item("ttl", ttl)?;
         kwargs.set_item("stale_ttl", stale_ttl)?;
@@ -998,9 +1156,14 @@ impl PyCache {
         kwargs.set_item("breaker", breaker)?;
         kwargs.set_item("type", r#type)?;
         kwargs.set_item("isolated", isolated)?;
-        py.import("tenuto._cached")?
+        let decorate = py
+            .import("tenuto._cached")?
             .getattr("decorator")?
-            .call((slf,), Some(&kwargs))
+            .call((slf,), Some(&kwargs))?;
+        match bare {
+            Some(function) => decorate.call1((function,)),
+            None => Ok(decorate),
+        }
     }
 
     /// The cache clock's time in whole epoch seconds.

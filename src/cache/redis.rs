@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
+use futures_util::future::try_join_all;
+use redis::{ErrorKind, RedisError};
 
+use super::conn::{Client, Conn};
 use super::engine::{FlightKeys, LockReply, Remote};
+use super::local::{Invalidated, Invalidation, Listener};
+use super::topology::{self, SlotMap};
 use crate::error::{CoreError, CoreResult};
 use crate::runtime;
 
@@ -23,6 +26,8 @@ pub struct RedisConfig {
     pub url: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Ask the server to push invalidations of keys under this prefix (a local tier).
+    pub tracking_prefix: Option<String>,
 }
 
 /// Why a Redis call did not produce a value.
@@ -45,34 +50,56 @@ impl From<StoreError> for CoreError {
 
 struct ConnState {
     epoch: u64,
-    conn: Option<MultiplexedConnection>,
+    /// Bumped whenever `conn` is replaced: a failure seen on an older connection (a
+    /// command that was in flight when the store reconnected) does not mark the new one
+    /// down.
+    generation: u64,
+    conn: Option<Conn>,
     down: bool,
     reconnecting: bool,
     last_error: String,
 }
 
 pub struct RedisStore {
-    client: redis::Client,
+    client: Client,
     config: RedisConfig,
     /// URL without its password, for logs and stats.
     pub display_url: String,
     state: Mutex<ConnState>,
     /// Connections for blocking waits (BLPOP), which would stall every other command on
     /// the shared multiplexed connection. Tagged with the fork epoch they were made in.
-    blocking: Mutex<(u64, Vec<MultiplexedConnection>)>,
+    blocking: Mutex<(u64, Vec<Conn>)>,
     policy_checked: std::sync::atomic::AtomicBool,
     eviction_policy: Mutex<Option<String>>,
+    /// A cluster's slot owners, read once and forgotten at the first sign it is stale.
+    slot_map: Mutex<Option<Arc<SlotMap>>>,
+    /// The local tier's listener, told of pushed invalidations and of new connections.
+    listener: Mutex<Option<Listener>>,
+    invalidated_by: Mutex<Invalidated>,
+    /// 1 + the fork epoch of the last tracking connection (0: none yet).
+    tracked_in: AtomicU64,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
 
+/// How many `connect_timeout`s a cluster connection may take (discovery, then primaries).
+const CLUSTER_CONNECT_STEPS: u32 = 4;
 /// Idle blocking connections kept per process.
 const BLOCKING_POOL: usize = 4;
 /// How long the wake-up list of a finished load lives (waiters pop it within this).
 const WAKE_LIST_MS: u64 = 10_000;
 
-/// Redis URL schemes tenuto accepts (redis-rs reads all of them).
-pub const SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
+/// Redis URL schemes tenuto accepts (the `+cluster` ones name a Redis Cluster's seeds).
+pub const SCHEMES: [&str; 8] = [
+    "redis",
+    "rediss",
+    "valkey",
+    "valkeys",
+    "redis+cluster",
+    "rediss+cluster",
+    "valkey+cluster",
+    "valkeys+cluster",
+];
 
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -102,20 +129,33 @@ fn is_outage(err: &RedisError) -> bool {
 
 impl RedisStore {
     pub fn new(config: RedisConfig) -> CoreResult<Arc<Self>> {
-        if config.url.starts_with("rediss://") || config.url.starts_with("valkeys://") {
+        let display_url = redact(&config.url);
+        let invalid =
+            |err: String| CoreError::invalid(format!("invalid Redis URL {display_url}: {err}"));
+        let seeds = topology::cluster_seeds(&config.url).map_err(invalid)?;
+        if config.url.starts_with("rediss") || config.url.starts_with("valkeys") {
             // rustls needs a process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| {
-            CoreError::invalid(format!("invalid Redis URL {}: {err}", redact(&config.url)))
-        })?;
-        let display_url = redact(&config.url);
+        let resp3 = config.tracking_prefix.is_some() && seeds.is_none();
+        let client =
+            Client::open(&config.url, seeds, resp3).map_err(|err| invalid(err.to_string()))?;
+        // Redis numbers its databases with an int; a bigger index can never be selected,
+        // and would otherwise look like an outage that reconnects forever.
+        let db = client.db();
+        if !(0..=i64::from(i32::MAX)).contains(&db) {
+            return Err(CoreError::invalid(format!(
+                "invalid Redis URL {display_url}: database index {db} is out of range (0 to {})",
+                i32::MAX
+            )));
+        }
         Ok(Arc::new_cyclic(|me| Self {
             client,
             config,
             display_url,
             state: Mutex::new(ConnState {
                 epoch: runtime::fork_epoch(),
+                generation: 0,
                 conn: None,
                 down: false,
                 reconnecting: false,
@@ -124,6 +164,10 @@ impl RedisStore {
             blocking: Mutex::new((runtime::fork_epoch(), Vec::new())),
             policy_checked: std::sync::atomic::AtomicBool::new(false),
             eviction_policy: Mutex::new(None),
+            slot_map: Mutex::new(None),
+            listener: Mutex::new(None),
+            invalidated_by: Mutex::new(Invalidated::Pending),
+            tracked_in: AtomicU64::new(0),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -138,6 +182,7 @@ impl RedisStore {
             std::mem::forget(state.conn.take());
             *state = ConnState {
                 epoch,
+                generation: state.generation + 1,
                 conn: None,
                 down: false,
                 reconnecting: false,
@@ -156,57 +201,162 @@ impl RedisStore {
         self.lock().last_error.clone()
     }
 
-    fn connection_config(&self) -> AsyncConnectionConfig {
-        AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config.connect_timeout))
-            .set_response_timeout(Some(self.config.command_timeout))
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        let config = self.connection_config();
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
-        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+    /// The URL as given, password included (for other tenuto objects sharing this Redis;
+    /// never for logs or display, which use `display_url`).
+    pub fn connection_url(&self) -> &str {
+        &self.config.url
+    }
+
+    async fn connect(&self) -> Result<Conn, String> {
+        let push = self.config.tracking_prefix.as_ref().map(|_| {
+            let me = self.me.clone();
+            Arc::new(move |info: redis::PushInfo| {
+                if let Some(store) = me.upgrade() {
+                    store.on_push(info);
+                }
+            }) as super::conn::PushHandler
+        });
+        let attempt = self.client.connect(
+            self.config.connect_timeout,
+            Some(self.config.command_timeout),
+            push,
+        );
+        // `connect_timeout` bounds each TCP connect; a cluster connection also asks for the
+        // slot map and connects to every primary, so it gets a few of them.
+        let budget = if self.is_cluster() {
+            self.config.connect_timeout * CLUSTER_CONNECT_STEPS
+        } else {
+            self.config.connect_timeout
+        };
+        match tokio::time::timeout(budget, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!(
-                "connect timed out after {:?}",
-                self.config.connect_timeout
-            )),
+            Err(_) => Err(format!("connect timed out after {budget:?}")),
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        {
+    /// The shared connection and its generation.
+    async fn connection(&self) -> Result<(Conn, u64), StoreError> {
+        let generation = {
             let state = self.lock();
             if state.down {
                 return Err(StoreError::Unavailable(state.last_error.clone()));
             }
             if let Some(conn) = &state.conn {
-                return Ok(conn.clone());
+                return Ok((conn.clone(), state.generation));
             }
-        }
+            state.generation
+        };
         match self.connect().await {
             Ok(conn) => {
                 let conn = {
                     let mut state = self.lock();
                     // Another caller may have connected meanwhile; keep the first.
-                    state.conn.get_or_insert(conn).clone()
+                    if state.conn.is_none() {
+                        state.generation += 1;
+                    }
+                    (state.conn.get_or_insert(conn).clone(), state.generation)
                 };
-                self.check_eviction_policy(conn.clone());
+                self.check_eviction_policy(conn.0.clone());
+                self.start_tracking(conn.0.clone()).await;
                 Ok(conn)
             }
             Err(reason) => {
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
         }
     }
 
-    fn mark_down(&self, reason: String) {
+    /// Marks the store down after a failure on connection `generation`; a failure on an
+    /// older connection than the current one is that command's alone.
+    /// On a new shared connection: asks a single server to push invalidations of the
+    /// local tier's keys (broadcast mode on the namespace prefix; NOLOOP: not our own
+    /// writes), and flushes the tier, which may have missed some while disconnected.
+    async fn start_tracking(&self, mut conn: Conn) {
+        let Some(prefix) = &self.config.tracking_prefix else {
+            return;
+        };
+        let by = if self.is_cluster() {
+            Invalidated::ByTtlOnly
+        } else {
+            let mut tracking = redis::cmd("CLIENT");
+            tracking
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("BCAST")
+                .arg("PREFIX")
+                .arg(prefix)
+                .arg("NOLOOP");
+            let reply = tokio::time::timeout(
+                self.config.command_timeout,
+                tracking.query_async::<()>(&mut conn),
+            )
+            .await;
+            match reply {
+                Ok(Ok(())) => Invalidated::ByServer,
+                Ok(Err(err)) => {
+                    log::debug!(target: "tenuto::cache", "CLIENT TRACKING refused: {err}");
+                    Invalidated::ByTtlOnly
+                }
+                Err(_) => Invalidated::ByTtlOnly,
+            }
+        };
+        let before = std::mem::replace(&mut *crate::sync::lock(&self.invalidated_by), by);
+        if by == Invalidated::ByTtlOnly && before != Invalidated::ByTtlOnly {
+            log::warn!(
+                target: "tenuto::cache",
+                "Redis at {} does not push invalidations to this client{}: the local tier \
+                 serves each copy for local_ttl at most, and other processes' writes show \
+                 only after that",
+                self.display_url,
+                if self.is_cluster() { " (a cluster)" } else { "" }
+            );
+        }
+        // The first connection in a process has nothing to catch up on (a forked child's
+        // tier drops the parent's copies itself); later ones may have missed pushes.
+        let epoch = runtime::fork_epoch() + 1;
+        if self.tracked_in.swap(epoch, Ordering::AcqRel) == epoch {
+            self.notify(Invalidation::All);
+        }
+    }
+
+    fn notify(&self, what: Invalidation) {
+        let listener = crate::sync::lock(&self.listener).clone();
+        if let Some(listener) = listener {
+            listener(what);
+        }
+    }
+
+    /// What the server pushed on the shared connection.
+    fn on_push(&self, info: redis::PushInfo) {
+        match info.kind {
+            redis::PushKind::Invalidate => {
+                let what = match info.data.into_iter().next() {
+                    Some(redis::Value::Array(keys)) => Invalidation::Keys(
+                        keys.into_iter()
+                            .filter_map(|k| redis::from_redis_value::<Vec<u8>>(k).ok())
+                            .collect(),
+                    ),
+                    _ => Invalidation::All, // nil: the server flushed
+                };
+                self.notify(what);
+            }
+            redis::PushKind::Disconnection => self.notify(Invalidation::All),
+            _ => {}
+        }
+    }
+
+    fn mark_down(&self, generation: u64, reason: String) {
         let first = {
             let mut state = self.lock();
+            if state.generation != generation {
+                return;
+            }
             state.conn = None;
             state.last_error = reason.clone();
             let first = !state.down;
@@ -233,21 +383,21 @@ impl RedisStore {
     /// Runs one command (or pipeline) with the command timeout; outages mark the store down.
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
+        let (conn, generation) = self.connection().await?;
         match tokio::time::timeout(self.config.command_timeout, op(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) if !is_outage(&err) => Err(StoreError::Command(err.to_string())),
             Ok(Err(err)) => {
                 let reason = err.to_string();
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
             Err(_) => {
                 let reason = format!("command timed out after {:?}", self.config.command_timeout);
-                self.mark_down(reason.clone());
+                self.mark_down(generation, reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
         }
@@ -261,6 +411,21 @@ impl RedisStore {
     pub async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.is_cluster() {
+            let gets = keys.iter().map(|k| {
+                let mut get = redis::cmd("GET");
+                get.arg(k);
+                get
+            });
+            if let Some(values) = self.per_node(gets.collect(), &keys).await? {
+                return values
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| StoreError::Command(err.to_string()));
+            }
+            // A stale slot map: the cluster client splits MGET by slot itself.
         }
         self.run(
             |mut conn| async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await },
@@ -277,6 +442,47 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         if sets.is_empty() && deletes.is_empty() {
             return Ok(());
+        }
+        if self.is_cluster() {
+            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
+            let commands = sets.iter().map(|(key, value, seconds)| {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(value).arg("EX").arg(*seconds);
+                set
+            });
+            if let Some(_written) = self.per_node(commands.collect(), &keys).await? {
+                if !deletes.is_empty() {
+                    self.delete(deletes).await?;
+                }
+                return Ok(());
+            }
+            // A stale slot map: one command per key, sent together; the cluster client
+            // routes each.
+            return self
+                .run(|conn| async move {
+                    let sets = sets.into_iter().map(|(key, value, seconds)| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("EX")
+                                .arg(seconds)
+                                .query_async::<()>(&mut conn)
+                                .await
+                        }
+                    });
+                    try_join_all(sets).await?;
+                    if !deletes.is_empty() {
+                        let mut conn = conn.clone();
+                        redis::cmd("DEL")
+                            .arg(deletes)
+                            .query_async::<()>(&mut conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+                .await;
         }
         self.run(|mut conn| async move {
             let mut pipe = redis::pipe();
@@ -296,6 +502,99 @@ impl RedisStore {
         .await
     }
 
+    /// Like `write_many`, but each SET returns the value it replaced (`SET … GET`), in
+    /// the order of `sets`.
+    pub async fn swap_many(
+        &self,
+        sets: Vec<(String, Vec<u8>, u64)>,
+        deletes: Vec<String>,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if sets.is_empty() && deletes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.is_cluster() {
+            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
+            let commands = sets.iter().map(|(key, value, seconds)| {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(value).arg("EX").arg(*seconds).arg("GET");
+                set
+            });
+            if let Some(replaced) = self.per_node(commands.collect(), &keys).await? {
+                if !deletes.is_empty() {
+                    self.delete(deletes).await?;
+                }
+                return replaced
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| StoreError::Command(err.to_string()));
+            }
+            return self
+                .run(|conn| async move {
+                    let sets = sets.into_iter().map(|(key, value, seconds)| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("EX")
+                                .arg(seconds)
+                                .arg("GET")
+                                .query_async::<Option<Vec<u8>>>(&mut conn)
+                                .await
+                        }
+                    });
+                    let replaced = try_join_all(sets).await?;
+                    if !deletes.is_empty() {
+                        let mut conn = conn.clone();
+                        redis::cmd("DEL")
+                            .arg(deletes)
+                            .query_async::<()>(&mut conn)
+                            .await?;
+                    }
+                    Ok(replaced)
+                })
+                .await;
+        }
+        self.run(|mut conn| async move {
+            let mut pipe = redis::pipe();
+            for (key, value, seconds) in sets {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(seconds)
+                    .arg("GET");
+            }
+            if !deletes.is_empty() {
+                pipe.cmd("DEL").arg(deletes).ignore();
+            }
+            pipe.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// Deletes `key` only while its JSON record has `field == expected` (one script).
+    pub async fn unlink_if_names(
+        &self,
+        key: String,
+        field: String,
+        expected: String,
+    ) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = script(&SCRIPT, include_str!("scripts/unlink_if_names.lua"));
+        self.run(|mut conn| async move {
+            script
+                .key(key)
+                .arg(field)
+                .arg(expected)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn delete(&self, keys: Vec<String>) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
@@ -305,25 +604,41 @@ impl RedisStore {
     }
 
     /// Deletes every key matching `pattern` with SCAN + UNLINK (never KEYS, which blocks the
-    /// server). Returns how many keys were removed.
+    /// server), on every primary of a cluster. Returns how many keys were removed.
     async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
+        let nodes = if self.is_cluster() {
+            self.primaries().await?
+        } else {
+            vec![ClusterNode::default()]
+        };
+        let mut removed = 0;
+        for node in nodes {
+            removed += self.delete_matching_on(&node, &pattern).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn delete_matching_on(
+        &self,
+        node: &ClusterNode,
+        pattern: &str,
+    ) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let pattern = pattern.clone();
-            let (next, keys): (u64, Vec<String>) = self
-                .run(|mut conn| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await
-                })
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let reply = self
+                .run(|mut conn| async move { conn.on_node(&node.host, node.port, scan).await })
                 .await?;
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
+                .map_err(|err| StoreError::Command(err.to_string()))?;
             if !keys.is_empty() {
+                // UNLINK of many keys: a cluster connection splits it by slot.
                 removed += self
                     .run(|mut conn| async move {
                         redis::cmd("UNLINK")
@@ -338,6 +653,130 @@ impl RedisStore {
             }
             cursor = next;
         }
+    }
+
+    /// Each primary of a cluster with its slots and whether it answers PING now (for
+    /// `stats()`). Empty for a single server, or when the slot map cannot be read.
+    pub async fn node_health(&self) -> Vec<(ClusterNode, bool)> {
+        if !self.is_cluster() {
+            return Vec::new();
+        }
+        let Ok(nodes) = self.primaries().await else {
+            return Vec::new();
+        };
+        let Ok((conn, _)) = self.connection().await else {
+            return nodes.into_iter().map(|n| (n, false)).collect();
+        };
+        let pings = nodes.into_iter().map(|node| {
+            let mut conn = conn.clone();
+            async move {
+                let ping = conn.on_node(&node.host, node.port, redis::cmd("PING"));
+                let up = matches!(
+                    tokio::time::timeout(self.config.command_timeout, ping).await,
+                    Ok(Ok(_))
+                );
+                (node, up)
+            }
+        });
+        futures_util::future::join_all(pings).await
+    }
+
+    /// The cluster's primaries and how many slots each serves (`CLUSTER SLOTS`, read now).
+    pub async fn primaries(&self) -> Result<Vec<ClusterNode>, StoreError> {
+        crate::sync::lock(&self.slot_map).take();
+        let map = self.slot_map().await?;
+        Ok(map
+            .nodes
+            .iter()
+            .zip(map.slot_counts())
+            .map(|((host, port), slots)| ClusterNode {
+                host: host.clone(),
+                port: *port,
+                slots,
+            })
+            .collect())
+    }
+
+    /// The slot map, read with `CLUSTER SLOTS` when there is none.
+    async fn slot_map(&self) -> Result<Arc<SlotMap>, StoreError> {
+        if let Some(map) = crate::sync::lock(&self.slot_map).clone() {
+            return Ok(map);
+        }
+        let reply: redis::Value = self
+            .run(|mut conn| async move {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let map = Arc::new(SlotMap::new(slot_ranges(reply)));
+        if map.nodes.is_empty() {
+            return Err(StoreError::Command("CLUSTER SLOTS named no primary".into()));
+        }
+        *crate::sync::lock(&self.slot_map) = Some(Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// Sends `commands` (one per key of `keys`) to the primaries serving the keys, one
+    /// pipeline per node: one round trip per shard, answers in input order. Ok(None) when
+    /// the slot map turns out stale (a key moved, a failover): the map is forgotten and the
+    /// caller routes key by key instead.
+    async fn per_node(
+        &self,
+        commands: Vec<redis::Cmd>,
+        keys: &[String],
+    ) -> Result<Option<Vec<redis::Value>>, StoreError> {
+        let map = self.slot_map().await?;
+        let Some(groups) = map.group(keys) else {
+            crate::sync::lock(&self.slot_map).take();
+            return Ok(None);
+        };
+        let mut commands: Vec<Option<redis::Cmd>> = commands.into_iter().map(Some).collect();
+        let batches = groups.into_iter().map(|(node, positions)| {
+            let mut pipe = redis::pipe();
+            for &i in &positions {
+                if let Some(cmd) = commands[i].take() {
+                    pipe.add_command(cmd);
+                }
+            }
+            let (host, port) = map.nodes[node].clone();
+            let count = positions.len();
+            async move {
+                let values =
+                    self.run(|mut conn| async move {
+                        conn.pipeline_on_node(&host, port, pipe, count).await
+                    })
+                    .await;
+                (positions, values)
+            }
+        });
+        let mut out = vec![redis::Value::Nil; keys.len()];
+        for (positions, values) in futures_util::future::join_all(batches).await {
+            let values = match values {
+                Ok(values) if values.len() == positions.len() => values,
+                Ok(_) | Err(StoreError::Command(_)) => {
+                    crate::sync::lock(&self.slot_map).take();
+                    return Ok(None);
+                }
+                Err(err) => {
+                    // A node that does not answer may have failed over: read the map again.
+                    crate::sync::lock(&self.slot_map).take();
+                    return Err(err);
+                }
+            };
+            if values
+                .iter()
+                .any(|v| matches!(v, redis::Value::ServerError(_)))
+            {
+                crate::sync::lock(&self.slot_map).take();
+                return Ok(None);
+            }
+            for (i, value) in positions.into_iter().zip(values) {
+                out[i] = value;
+            }
+        }
+        Ok(Some(out))
     }
 
     /// One admission attempt of a shared rate limit (sliding log + spacing + pause, on
@@ -443,11 +882,42 @@ impl RedisStore {
         .await
     }
 
+    /// The finishing script alone: writes the value (if any), releases the lock, wakes
+    /// the waiters.
+    async fn finish_script(
+        &self,
+        keys: &FlightKeys,
+        write: Option<(Vec<u8>, u64)>,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let script = finish_script_text();
+        let (flag, value, seconds) = match write {
+            Some((value, seconds)) => ("1", value, seconds),
+            None => ("0", Vec::new(), 0),
+        };
+        self.run(|mut conn| async move {
+            script
+                .key(&keys.value)
+                .key(&keys.lock)
+                .key(&keys.waiters)
+                .key(&keys.done)
+                .arg(token)
+                .arg(flag)
+                .arg(value)
+                .arg(seconds)
+                .arg(WAKE_LIST_MS)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Reads the server's `maxmemory-policy` once per process, in the background. Under an
     /// `allkeys-*` policy Redis may evict limiter, breaker and lock keys like any cache
     /// entry (a limiter then forgets what it admitted): one warning says so, and `stats()`
     /// shows the policy. Servers that refuse CONFIG (managed services) are left alone.
-    fn check_eviction_policy(&self, mut conn: MultiplexedConnection) {
+    fn check_eviction_policy(&self, mut conn: Conn) {
         if self
             .policy_checked
             .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -458,8 +928,10 @@ impl RedisStore {
         runtime::handle().spawn(async move {
             let mut config_get = redis::cmd("CONFIG");
             config_get.arg("GET").arg("maxmemory-policy");
-            let reply: Result<Vec<String>, _> = config_get.query_async(&mut conn).await;
-            let Some(policy) = reply.ok().and_then(|r| r.into_iter().nth(1)) else {
+            // A map in RESP3, pairs in RESP2: both read as one.
+            let reply: Result<std::collections::HashMap<String, String>, _> =
+                config_get.query_async(&mut conn).await;
+            let Some(policy) = reply.ok().and_then(|r| r.into_values().next()) else {
                 return;
             };
             if policy.starts_with("allkeys-") {
@@ -480,7 +952,7 @@ impl RedisStore {
         crate::sync::lock(&self.eviction_policy).clone()
     }
 
-    fn take_blocking(&self) -> Option<MultiplexedConnection> {
+    fn take_blocking(&self) -> Option<Conn> {
         let mut pool = crate::sync::lock(&self.blocking);
         let epoch = runtime::fork_epoch();
         if pool.0 != epoch {
@@ -491,34 +963,34 @@ impl RedisStore {
         pool.1.pop()
     }
 
-    fn give_back_blocking(&self, conn: MultiplexedConnection) {
+    fn give_back_blocking(&self, conn: Conn) {
         let mut pool = crate::sync::lock(&self.blocking);
         if pool.0 == runtime::fork_epoch() && pool.1.len() < BLOCKING_POOL {
             pool.1.push(conn);
         }
     }
 
-    async fn blocking_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn blocking_connection(&self) -> Result<Conn, StoreError> {
         if self.is_down() {
             return Err(StoreError::Unavailable(self.last_error()));
         }
         if let Some(conn) = self.take_blocking() {
             return Ok(conn);
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config.connect_timeout))
-            .set_response_timeout(None);
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
-        match tokio::time::timeout(self.config.connect_timeout, attempt).await {
+        let attempt = self.client.connect(self.config.connect_timeout, None, None);
+        let budget = if self.is_cluster() {
+            self.config.connect_timeout * CLUSTER_CONNECT_STEPS
+        } else {
+            self.config.connect_timeout
+        };
+        match tokio::time::timeout(budget, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
             Err(_) => Err(StoreError::Unavailable("connect timed out".into())),
         }
     }
 
-    async fn ping(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn ping(&self, conn: &mut Conn) -> Result<(), String> {
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(conn);
         match tokio::time::timeout(self.config.command_timeout, ping).await {
@@ -533,6 +1005,11 @@ fn script(cell: &'static std::sync::OnceLock<redis::Script>, text: &str) -> &'st
     cell.get_or_init(|| redis::Script::new(text))
 }
 
+fn finish_script_text() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    script(&SCRIPT, include_str!("scripts/finish.lua"))
+}
+
 impl Remote for RedisStore {
     fn is_down(&self) -> bool {
         RedisStore::is_down(self)
@@ -544,6 +1021,14 @@ impl Remote for RedisStore {
 
     fn outages(&self) -> u64 {
         self.outages.load(Ordering::Relaxed)
+    }
+
+    fn watch(&self, listener: Listener) {
+        *crate::sync::lock(&self.listener) = Some(listener);
+    }
+
+    fn invalidated_by(&self) -> Invalidated {
+        *crate::sync::lock(&self.invalidated_by)
     }
 
     async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
@@ -630,28 +1115,49 @@ impl Remote for RedisStore {
         write: Option<(Vec<u8>, u64)>,
         token: &str,
     ) -> Result<(), StoreError> {
-        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-        let script = script(&SCRIPT, include_str!("scripts/finish.lua"));
-        let (flag, value, seconds) = match write {
-            Some((value, seconds)) => ("1", value, seconds),
-            None => ("0", Vec::new(), 0),
-        };
-        self.run(|mut conn| async move {
-            script
-                .key(&keys.value)
-                .key(&keys.lock)
-                .key(&keys.waiters)
-                .key(&keys.done)
-                .arg(token)
-                .arg(flag)
-                .arg(value)
-                .arg(seconds)
-                .arg(WAKE_LIST_MS)
-                .invoke_async::<i64>(&mut conn)
-                .await
-        })
-        .await
-        .map(|_| ())
+        let script = finish_script_text();
+        if self.config.tracking_prefix.is_some() {
+            if let Some((value, seconds)) = write {
+                // With a local tier the value goes in a plain SET, pipelined before the
+                // script: Redis 7.0 echoes a script's writes back to the writer despite
+                // NOLOOP, which would drop this process's fresh local copy.
+                let pipelined = self
+                    .run(|mut conn| async move {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("SET")
+                            .arg(&keys.value)
+                            .arg(value)
+                            .arg("EX")
+                            .arg(seconds)
+                            .ignore();
+                        pipe.cmd("EVALSHA")
+                            .arg(script.get_hash())
+                            .arg(4)
+                            .arg(&keys.value)
+                            .arg(&keys.lock)
+                            .arg(&keys.waiters)
+                            .arg(&keys.done)
+                            .arg(token)
+                            .arg("0")
+                            .arg("")
+                            .arg(0)
+                            .arg(WAKE_LIST_MS)
+                            .ignore();
+                        pipe.query_async::<()>(&mut conn).await
+                    })
+                    .await;
+                return match pipelined {
+                    // The script was not loaded yet: the SET is done; release and wake.
+                    Err(StoreError::Command(msg))
+                        if msg.to_ascii_uppercase().contains("NOSCRIPT") =>
+                    {
+                        self.finish_script(keys, None, token).await
+                    }
+                    other => other,
+                };
+            }
+        }
+        self.finish_script(keys, write, token).await
     }
 
     async fn wait_done(&self, keys: &FlightKeys, timeout: Duration) -> Result<bool, StoreError> {
@@ -672,6 +1178,37 @@ impl Remote for RedisStore {
             Err(_) => Err(StoreError::Unavailable("BLPOP timed out".into())),
         }
     }
+}
+
+/// `(first slot, last slot, host, port)` of each range in a `CLUSTER SLOTS` reply.
+fn slot_ranges(reply: redis::Value) -> Vec<(u16, u16, String, u16)> {
+    let redis::Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let redis::Value::Array(parts) = item else {
+                return None;
+            };
+            let first = redis::from_redis_value::<u16>(parts.first()?.clone()).ok()?;
+            let last = redis::from_redis_value::<u16>(parts.get(1)?.clone()).ok()?;
+            let redis::Value::Array(node) = parts.get(2)? else {
+                return None;
+            };
+            let host = redis::from_redis_value::<String>(node.first()?.clone()).ok()?;
+            let port = redis::from_redis_value::<u16>(node.get(1)?.clone()).ok()?;
+            Some((first, last, host, port))
+        })
+        .collect()
+}
+
+/// A cluster primary (the default: "the server" of a single-server store).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub host: String,
+    pub port: u16,
+    pub slots: u32,
 }
 
 /// A shared limiter's answer, from the server's clock.
@@ -713,9 +1250,12 @@ async fn reconnect_loop(store: Weak<RedisStore>) {
         };
         match attempt {
             Ok(conn) => {
+                // Tracking (and the local tier's flush) before anyone reads through it.
+                store.start_tracking(conn.clone()).await;
                 {
                     let mut state = store.lock();
                     state.conn = Some(conn);
+                    state.generation += 1;
                     state.down = false;
                     state.reconnecting = false;
                 }
@@ -758,6 +1298,7 @@ mod tests {
             url: format!("redis://127.0.0.1:{port}"),
             connect_timeout: Duration::from_millis(200),
             command_timeout: Duration::from_millis(500),
+            tracking_prefix: None,
         })
         .unwrap();
         let result = runtime::block_on(store.get("k".into()));

@@ -205,6 +205,22 @@ fn unkeyable(function: &str, what: &str, err: PyErr, py: Python<'_>) -> PyErr {
 }
 
 impl PyCachedCall {
+    /// A fresh hit answered here, with the GIL held: no thread hop, no Python frame.
+    fn serve_hit(&self, py: Python<'_>, entry: &Arc<Entry<PyObj>>) -> PyResult<Py<PyAny>> {
+        self.cache.engine.count_hit();
+        record_state(py, State::Hit)?;
+        let mut value = entry.value.get().clone_ref(py);
+        release_pending(py);
+        if self.isolated {
+            value = deepcopy(value.bind(py))?.unbind();
+        }
+        if self.is_async {
+            Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
+        } else {
+            Ok(value)
+        }
+    }
+
     fn canonical_of(
         &self,
         py: Python<'_>,
@@ -655,22 +671,17 @@ impl PyCachedCall {
             }
             if let Some(entry) = &entry {
                 if entry.times.state(engine.now()) == State::Hit {
-                    engine.count_hit();
-                    record_state(py, State::Hit)?;
-                    let mut value = entry.value.get().clone_ref(py);
-                    release_pending(py);
-                    if this.isolated {
-                        value = deepcopy(value.bind(py))?.unbind();
-                    }
-                    return if this.is_async {
-                        Ok(Bound::new(py, Ready::new(value))?.into_any().unbind())
-                    } else {
-                        Ok(value)
-                    };
+                    return this.serve_hit(py, entry);
                 }
             }
-        } else if !known {
-            this.remember(identity, Arc::clone(&key), None, 0);
+        } else {
+            if !known {
+                this.remember(identity, Arc::clone(&key), None, 0);
+            }
+            // A local tier in front of Redis: a fresh copy is served here too.
+            if let Some(copy) = engine.has_local().then(|| engine.local_hit(&key)).flatten() {
+                return this.serve_hit(py, &copy);
+            }
         }
         let entry_seen = entry;
         if this.is_async {
@@ -685,6 +696,25 @@ impl PyCachedCall {
         drop(served);
         release_pending(py);
         value
+    }
+
+    /// This function's upstream calls (loads and refreshes) for metrics: `ok`, `errors`,
+    /// and their durations as cumulative `buckets` of (upper bound in seconds, count),
+    /// `count` and `sum`.
+    fn _upstream_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let upstream = &self.policy.upstream;
+        let seconds = upstream.seconds.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("name", &self.name)?;
+        d.set_item("ok", upstream.ok.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item(
+            "errors",
+            upstream.errors.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        d.set_item("buckets", seconds.cumulative)?;
+        d.set_item("count", seconds.count)?;
+        d.set_item("sum", seconds.sum_secs)?;
+        Ok(d)
     }
 
     /// A sync call through the cache, answered as a `Lookup` (`force`: load even when a

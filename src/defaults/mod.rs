@@ -14,6 +14,19 @@ pub struct Range {
 }
 
 impl Range {
+    /// Why these bounds can admit nothing sensible, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.min.is_some_and(f64::is_nan) || self.max.is_some_and(f64::is_nan) {
+            return Some("bounds must not be NaN".into());
+        }
+        match (self.min, self.max) {
+            (Some(min), Some(max)) if min > max => {
+                Some(format!("min ({min}) is above max ({max})"))
+            }
+            _ => None,
+        }
+    }
+
     pub fn allows(&self, x: f64, is_integer_type: bool) -> bool {
         if x.is_nan() || (self.integer && !is_integer_type) {
             return false;

@@ -85,27 +85,48 @@ fn range_of(name: &str, spec: &Bound<'_, PyAny>) -> PyResult<Range> {
         if value.is_none() {
             return Ok(None);
         }
+        if value.cast::<PyBool>().is_ok() {
+            return Err(PyTypeError::new_err(format!(
+                "range bounds of {name:?} must be numbers or None, not bool"
+            )));
+        }
         value.extract::<f64>().map(Some).map_err(|_| {
             PyTypeError::new_err(format!("range bounds of {name:?} must be numbers or None"))
         })
     };
+    let flag = |attr: &str| -> PyResult<bool> { spec.getattr(attr)?.is_truthy() };
     // A (min, max) pair of inclusive bounds, or a tenuto.Range.
-    if let Ok((min, max)) = spec.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>() {
-        return Ok(Range {
+    let range = if let Ok((min, max)) = spec.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>() {
+        Range {
             min: bound(min)?,
             max: bound(max)?,
             min_exclusive: false,
             max_exclusive: false,
             integer: false,
-        });
+        }
+    } else if spec.hasattr("min")? && spec.hasattr("max")? {
+        Range {
+            min: bound(spec.getattr("min")?)?,
+            max: bound(spec.getattr("max")?)?,
+            min_exclusive: flag("min_exclusive")?,
+            max_exclusive: flag("max_exclusive")?,
+            integer: flag("integer")?,
+        }
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "the range of {name:?} must be a (min, max) pair or a tenuto.Range, not {}",
+            spec.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
+    };
+    match range.problem() {
+        Some(problem) => Err(PyValueError::new_err(format!(
+            "the range of {name:?} is invalid: {problem}"
+        ))),
+        None => Ok(range),
     }
-    Ok(Range {
-        min: bound(spec.getattr("min")?)?,
-        max: bound(spec.getattr("max")?)?,
-        min_exclusive: spec.getattr("min_exclusive")?.is_truthy()?,
-        max_exclusive: spec.getattr("max_exclusive")?.is_truthy()?,
-        integer: spec.getattr("integer")?.is_truthy()?,
-    })
 }
 
 impl PyDefaults {

@@ -19,6 +19,7 @@ pub mod breaker;
 pub mod py;
 
 use crate::cache::redis::{SharedDecision, StoreError};
+use crate::cache::topology::tagged;
 use crate::error::{CoreError, CoreResult};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
@@ -531,19 +532,19 @@ impl Limiter {
 
     fn shared_base(&self, key: Option<&str>) -> String {
         match key {
-            None => format!("tenuto|limit|{}", self.name),
-            Some(k) => format!("tenuto|limit|{}:{k}", self.name),
+            None => format!("tenuto|limit|{}", tagged(&self.name)),
+            Some(k) => format!("tenuto|limit|{}:{k}", tagged(&self.name)),
         }
     }
 
     /// The key of the pause everyone sharing the limit honours.
     pub fn pause_key(&self) -> String {
-        format!("tenuto|limit|{}:pause", self.name)
+        format!("tenuto|limit|{}:pause", tagged(&self.name))
     }
 
     /// The key of the shared concurrency leases.
     pub fn lease_key(&self) -> String {
-        format!("tenuto|limit|{}:leases", self.name)
+        format!("tenuto|limit|{}:leases", tagged(&self.name))
     }
 
     /// What one attempt asks the shared limit: this limiter's rule at its current factor.
@@ -840,9 +841,9 @@ mod tests {
         assert_eq!(
             ask.keys,
             [
-                "tenuto|limit|up:k:log",
-                "tenuto|limit|up:k:tat",
-                "tenuto|limit|up:pause"
+                "tenuto|limit|{up}:k:log",
+                "tenuto|limit|{up}:k:tat",
+                "tenuto|limit|{up}:pause"
             ]
             .map(str::to_owned)
         );

@@ -643,6 +643,7 @@ fn shared_store(url: Option<&str>, what: &str) -> PyResult<Option<Arc<RedisStore
         url: url.to_owned(),
         connect_timeout: std::time::Duration::from_millis(250),
         command_timeout: std::time::Duration::from_secs(1),
+        tracking_prefix: None,
     })?))
 }
 

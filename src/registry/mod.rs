@@ -25,12 +25,26 @@ pub enum Table {
     Missing,
 }
 
+/// How records are written. Both are read whatever is chosen, so a deployment can mix
+/// processes writing either (a record is told apart by its first byte).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RecordFormat {
+    /// A JSON object (the wire format other languages read).
+    #[default]
+    Json,
+    /// A pickled plain dict, as host apps that `pickle.dumps` their records store them.
+    /// Written and read in Rust as data only: no Python object is ever unpickled, so a
+    /// record cannot run code.
+    Pickle,
+}
+
 /// How the registry names its keys, below the cache namespace.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub name: String,
     pub source_field: String,
     pub target_field: String,
+    pub format: RecordFormat,
 }
 
 impl Layout {
@@ -55,8 +69,31 @@ impl Layout {
     }
 
     /// `{source_field: src, target_field: dst, "validated_at": at}`, stored under both
-    /// `validated:{src}` and `reverse:{dst}`.
-    pub fn validated_record(&self, src: &str, dst: &str, at: &str) -> String {
+    /// `validated:{src}` and `reverse:{dst}`, in the layout's format.
+    pub fn validated_record(&self, src: &str, dst: &str, at: &str) -> Vec<u8> {
+        match self.format {
+            RecordFormat::Json => self.validated_json(src, dst, at).into_bytes(),
+            RecordFormat::Pickle => pickled(&[
+                (&self.source_field, src),
+                (&self.target_field, dst),
+                ("validated_at", at),
+            ]),
+        }
+    }
+
+    /// `{source_field: src, "marked_at": at, "reason": reason}`, in the layout's format.
+    pub fn missing_record(&self, src: &str, at: &str, reason: &str) -> Vec<u8> {
+        match self.format {
+            RecordFormat::Json => self.missing_json(src, at, reason).into_bytes(),
+            RecordFormat::Pickle => pickled(&[
+                (&self.source_field, src),
+                ("marked_at", at),
+                ("reason", reason),
+            ]),
+        }
+    }
+
+    fn validated_json(&self, src: &str, dst: &str, at: &str) -> String {
         let mut out = String::with_capacity(96 + src.len() + dst.len());
         out.push('{');
         push_field(&mut out, &self.source_field, src);
@@ -68,8 +105,7 @@ impl Layout {
         out
     }
 
-    /// `{source_field: src, "marked_at": at, "reason": reason}`.
-    pub fn missing_record(&self, src: &str, at: &str, reason: &str) -> String {
+    fn missing_json(&self, src: &str, at: &str, reason: &str) -> String {
         let mut out = String::with_capacity(96 + src.len() + reason.len());
         out.push('{');
         push_field(&mut out, &self.source_field, src);
@@ -80,6 +116,73 @@ impl Layout {
         out.push('}');
         out
     }
+}
+
+/// A record a re-mapping left behind: `(table, id)` is removed only while its record still
+/// names `names` in `field` (another writer may have reused it meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    pub table: Table,
+    pub id: String,
+    pub field: String,
+    pub names: String,
+}
+
+impl Layout {
+    /// The other half of an old pair a write replaced. Writing `validated:s → d2` over
+    /// `validated:s → d1` leaves `reverse:d1 → s`; writing `reverse:d → s2` over
+    /// `reverse:d → s1` leaves `validated:s1 → d`. `previous` is what the write replaced.
+    pub fn superseded(
+        &self,
+        table: Table,
+        id: &str,
+        names: &str,
+        previous: &str,
+    ) -> Option<Superseded> {
+        let (other, field) = match table {
+            Table::Validated => (Table::Reverse, &self.source_field),
+            Table::Reverse => (Table::Validated, &self.target_field),
+            Table::Missing => return None,
+        };
+        (previous != names).then(|| Superseded {
+            table: other,
+            id: previous.to_owned(),
+            field: field.clone(),
+            names: id.to_owned(),
+        })
+    }
+
+    /// The ID a stored record of `table` names (its target for validated records, its
+    /// source for reverse ones), if it is readable.
+    pub fn names_in(&self, table: Table, record: &[u8]) -> Option<String> {
+        let field = match table {
+            Table::Validated => &self.target_field,
+            Table::Reverse => &self.source_field,
+            Table::Missing => return None,
+        };
+        match field_of(record, field) {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A plain dict of strings, pickled (protocol 3: every Python 3 reads it).
+fn pickled(fields: &[(&str, &str)]) -> Vec<u8> {
+    let dict = fields
+        .iter()
+        .map(|(k, v)| {
+            (
+                serde_pickle::HashableValue::String((*k).to_owned()),
+                serde_pickle::Value::String((*v).to_owned()),
+            )
+        })
+        .collect();
+    serde_pickle::value_to_vec(
+        &serde_pickle::Value::Dict(dict),
+        serde_pickle::SerOptions::new(),
+    )
+    .unwrap_or_default()
 }
 
 fn push_field(out: &mut String, name: &str, value: &str) {
@@ -137,6 +240,8 @@ impl MemoryRecords {
             .collect()
     }
 
+    /// Applies deletes, then sets; a set that re-maps an ID also drops the other half of
+    /// the pair it replaced (see `Layout::superseded`), as the Redis write does.
     pub fn write(
         &self,
         sets: Vec<(Table, String, MemoryRecord)>,
@@ -146,6 +251,23 @@ impl MemoryRecords {
         let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
         for (table, id) in deletes {
             tables[slot(*table)].remove(id);
+        }
+        for (table, id, record) in &sets {
+            let other = match table {
+                Table::Validated => Table::Reverse,
+                Table::Reverse => Table::Validated,
+                Table::Missing => continue,
+            };
+            let Some(previous) = tables[slot(*table)].get(id).map(|r| Arc::clone(&r.names)) else {
+                continue;
+            };
+            let stale = *previous != *record.names
+                && tables[slot(other)]
+                    .get(&*previous)
+                    .is_some_and(|r| *r.names == **id);
+            if stale {
+                tables[slot(other)].remove(&*previous);
+            }
         }
         let incoming = sets.len();
         let len: usize = tables.iter().map(|t| t.len()).sum();
@@ -193,9 +315,26 @@ pub enum Field {
 }
 
 pub fn field_of(record: &[u8], field: &str) -> Field {
+    // Pickle protocol 2+ starts with the PROTO opcode; JSON never does.
+    if record.first() == Some(&0x80) {
+        return pickled_field(record, field);
+    }
     match serde_json::from_slice::<Value>(record) {
         Ok(Value::Object(map)) => match map.get(field) {
             Some(Value::String(s)) => Field::Str(s.clone()),
+            _ => Field::Absent,
+        },
+        _ => Field::Corrupt,
+    }
+}
+
+/// A field of a pickled dict, read as data: globals (classes, functions) are refused, so
+/// nothing a record holds can run.
+fn pickled_field(record: &[u8], field: &str) -> Field {
+    use serde_pickle::{HashableValue, Value as Pickled};
+    match serde_pickle::value_from_slice(record, serde_pickle::DeOptions::new()) {
+        Ok(Pickled::Dict(map)) => match map.get(&HashableValue::String(field.to_owned())) {
+            Some(Pickled::String(s)) => Field::Str(s.clone()),
             _ => Field::Absent,
         },
         _ => Field::Corrupt,
@@ -234,7 +373,27 @@ mod tests {
             name: "reccobeat".into(),
             source_field: "spotify_id".into(),
             target_field: "reccobeat_id".into(),
+            format: RecordFormat::Json,
         }
+    }
+
+    #[test]
+    fn pickled_records_both_ways() {
+        let l = Layout {
+            format: RecordFormat::Pickle,
+            ..layout()
+        };
+        let rec = l.validated_record("s1", "r1", "2026-01-01T00:00:00.123456+00:00");
+        assert_eq!(rec[0], 0x80, "a pickle");
+        assert_eq!(field_of(&rec, "reccobeat_id"), Field::Str("r1".into()));
+        assert_eq!(field_of(&rec, "spotify_id"), Field::Str("s1".into()));
+        // pickle.dumps({"spotify_id": "s", "reccobeat_id": "r"}, protocol=4)
+        let host: &[u8] = b"\x80\x04\x95)\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\nspotify_id\x94\x8c\x01s\x94\x8c\x0creccobeat_id\x94\x8c\x01r\x94u.";
+        assert_eq!(field_of(host, "reccobeat_id"), Field::Str("r".into()));
+        // pickle.dumps(os.system) names a global: refused, never resolved.
+        let global: &[u8] = b"\x80\x04\x95\x14\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.";
+        assert_eq!(field_of(global, "x"), Field::Corrupt);
+        assert_eq!(field_of(b"\x80\x04garbage", "x"), Field::Corrupt);
     }
 
     #[test]
@@ -246,19 +405,16 @@ mod tests {
         let rec = l.validated_record("s1", "r\"1", "2026-01-01T00:00:00+00:00");
         assert_eq!(
             rec,
-            r#"{"spotify_id":"s1","reccobeat_id":"r\"1","validated_at":"2026-01-01T00:00:00+00:00"}"#
+            br#"{"spotify_id":"s1","reccobeat_id":"r\"1","validated_at":"2026-01-01T00:00:00+00:00"}"#
         );
-        assert_eq!(
-            field_of(rec.as_bytes(), "reccobeat_id"),
-            Field::Str("r\"1".into())
-        );
-        assert_eq!(field_of(rec.as_bytes(), "nope"), Field::Absent);
+        assert_eq!(field_of(&rec, "reccobeat_id"), Field::Str("r\"1".into()));
+        assert_eq!(field_of(&rec, "nope"), Field::Absent);
         assert_eq!(field_of(b"[1]", "x"), Field::Corrupt);
         assert_eq!(field_of(b"\xff", "x"), Field::Corrupt);
         let missing = l.missing_record("s1", "t", "not found");
         assert_eq!(
             missing,
-            r#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
+            br#"{"spotify_id":"s1","marked_at":"t","reason":"not found"}"#
         );
     }
 
@@ -294,6 +450,62 @@ mod tests {
             store.get_many(&[(Table::Missing, "last")], 6)[0].is_some(),
             "the newest stays"
         );
+    }
+
+    #[test]
+    fn remapping_drops_the_superseded_half_in_memory() {
+        let store = MemoryRecords::new(100);
+        let pair = |src: &str, dst: &str| {
+            let rec = |names: &str| MemoryRecord {
+                names: Arc::from(names),
+                expires_at: 100,
+            };
+            vec![
+                (Table::Validated, src.to_owned(), rec(dst)),
+                (Table::Reverse, dst.to_owned(), rec(src)),
+            ]
+        };
+        store.write(pair("s", "d1"), &[], 0);
+        store.write(pair("s", "d2"), &[], 0);
+        let got = store.get_many(&[(Table::Reverse, "d1"), (Table::Reverse, "d2")], 0);
+        assert_eq!(got[0], None, "reverse:d1 no longer names s");
+        assert_eq!(got[1].as_deref(), Some("s"));
+        // d2 taken over by another source: validated:s no longer points at it.
+        store.write(pair("t", "d2"), &[], 0);
+        let got = store.get_many(&[(Table::Validated, "s"), (Table::Validated, "t")], 0);
+        assert_eq!(got[0], None);
+        assert_eq!(got[1].as_deref(), Some("d2"));
+    }
+
+    #[test]
+    fn superseded_names_the_other_half_of_the_old_pair() {
+        let layout = layout();
+        assert_eq!(
+            layout.superseded(Table::Validated, "s", "d2", "d1"),
+            Some(Superseded {
+                table: Table::Reverse,
+                id: "d1".into(),
+                field: "spotify_id".into(),
+                names: "s".into(),
+            })
+        );
+        assert_eq!(layout.superseded(Table::Validated, "s", "d1", "d1"), None);
+        assert_eq!(
+            layout
+                .superseded(Table::Reverse, "d", "s2", "s1")
+                .map(|s| (s.table, s.id, s.field)),
+            Some((Table::Validated, "s1".into(), "reccobeat_id".into()))
+        );
+        let record = layout.validated_record("s", "d", "now");
+        assert_eq!(
+            layout.names_in(Table::Validated, &record).as_deref(),
+            Some("d")
+        );
+        assert_eq!(
+            layout.names_in(Table::Reverse, &record).as_deref(),
+            Some("s")
+        );
+        assert_eq!(layout.names_in(Table::Validated, b"not json"), None);
     }
 
     #[test]

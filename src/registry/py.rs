@@ -9,7 +9,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySet, PyString, PyTuple};
 
-use super::{field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, Table, CHUNK};
+use super::{
+    field_of, iso8601_utc, Field, Layout, MemoryRecord, MemoryRecords, RecordFormat, Table, CHUNK,
+};
 use crate::cache::py::{CacheBinding, PyCache};
 use crate::cache::redis::{RedisStore, StoreError};
 use crate::runtime::{self, py::spawn_for_asyncio, py::Ready};
@@ -30,7 +32,7 @@ struct RecordWrite {
     table: Table,
     id: String,
     names: String,
-    json: String,
+    record: Vec<u8>,
     ttl: u64,
 }
 
@@ -272,7 +274,7 @@ impl Registry {
             .map(|w| {
                 (
                     self.cache.redis_key(&self.layout.key(w.table, &w.id)),
-                    w.json.clone().into_bytes(),
+                    w.record.clone(),
                     w.ttl,
                 )
             })
@@ -284,20 +286,20 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for (src, dst) in pairs {
-            let json = self.layout.validated_record(src, dst, &at);
+            let record = self.layout.validated_record(src, dst, &at);
             let ttl = self.validated_ttl;
             writes.sets.push(RecordWrite {
                 table: Table::Validated,
                 id: src.clone(),
                 names: dst.clone(),
-                json: json.clone(),
+                record: record.clone(),
                 ttl,
             });
             writes.sets.push(RecordWrite {
                 table: Table::Reverse,
                 id: dst.clone(),
                 names: src.clone(),
-                json,
+                record,
                 ttl,
             });
             writes.deletes.push((Table::Missing, src.clone()));
@@ -309,12 +311,12 @@ impl Registry {
         let at = iso8601_utc(self.now(py)?);
         let mut writes = Writes::default();
         for src in ids {
-            let json = self.layout.missing_record(src, &at, reason);
+            let record = self.layout.missing_record(src, &at, reason);
             writes.sets.push(RecordWrite {
                 table: Table::Missing,
                 id: src.clone(),
                 names: reason.to_owned(),
-                json,
+                record,
                 ttl: self.missing_ttl,
             });
         }
@@ -337,17 +339,34 @@ async fn mget_chunked(
     Ok(out)
 }
 
+/// Writes records in chunks (one round trip each). A write that re-maps an ID replaced an
+/// old pair: its other half is then removed too, only while it still names this ID (one
+/// more round trip, only when something was re-mapped).
 async fn write_chunked(
+    reg: Arc<Registry>,
     redis: Arc<RedisStore>,
-    sets: Vec<(String, Vec<u8>, u64)>,
-    deletes: Vec<String>,
+    writes: Arc<Writes>,
 ) -> Result<(), StoreError> {
+    let (sets, deletes) = reg.wire(&writes);
+    let mut replaced = Vec::with_capacity(sets.len());
     let mut sets = sets.into_iter().peekable();
     let mut deletes = deletes.into_iter().peekable();
     while sets.peek().is_some() || deletes.peek().is_some() {
         let s: Vec<_> = sets.by_ref().take(CHUNK).collect();
         let d: Vec<_> = deletes.by_ref().take(CHUNK).collect();
-        redis.write_many(s, d).await?;
+        replaced.extend(redis.swap_many(s, d).await?);
+    }
+    for (write, previous) in writes.sets.iter().zip(replaced) {
+        let stale = previous
+            .and_then(|p| reg.layout.names_in(write.table, &p))
+            .and_then(|p| {
+                reg.layout
+                    .superseded(write.table, &write.id, &write.names, &p)
+            });
+        if let Some(stale) = stale {
+            let key = reg.cache.redis_key(&reg.layout.key(stale.table, &stale.id));
+            redis.unlink_if_names(key, stale.field, stale.names).await?;
+        }
     }
     Ok(())
 }
@@ -398,10 +417,11 @@ impl PyIdRegistry {
 
     fn write(&self, py: Python<'_>, writes: Writes) -> PyResult<()> {
         let reg = &self.inner;
+        let writes = Arc::new(writes);
         let result = match reg.cache.route()? {
             Some(redis) => {
-                let (sets, deletes) = reg.wire(&writes);
-                Some(py.detach(|| runtime::block_on(write_chunked(redis, sets, deletes))))
+                let job = write_chunked(Arc::clone(reg), redis, Arc::clone(&writes));
+                Some(py.detach(|| runtime::block_on(job)))
             }
             None => None,
         };
@@ -410,18 +430,16 @@ impl PyIdRegistry {
 
     fn awrite<'py>(&self, py: Python<'py>, writes: Writes) -> PyResult<Bound<'py, PyAny>> {
         let reg = Arc::clone(&self.inner);
+        let writes = Arc::new(writes);
         match reg.cache.route()? {
-            Some(redis) => {
-                let (sets, deletes) = reg.wire(&writes);
-                spawn_for_asyncio(
-                    py,
-                    write_chunked(redis, sets, deletes),
-                    move |py, result| {
-                        reg.finish_writes(py, &writes, Some(result))?;
-                        Ok(py.None())
-                    },
-                )
-            }
+            Some(redis) => spawn_for_asyncio(
+                py,
+                write_chunked(Arc::clone(&reg), redis, Arc::clone(&writes)),
+                move |py, result| {
+                    reg.finish_writes(py, &writes, Some(result))?;
+                    Ok(py.None())
+                },
+            ),
             None => {
                 reg.finish_writes(py, &writes, None)?;
                 Ok(Bound::new(py, Ready::new(py.None()))?.into_any())
@@ -506,16 +524,33 @@ impl PyIdRegistry {
     #[new]
     #[pyo3(signature = (
         cache, name = "reccobeat", source_field = "spotify_id", target_field = "reccobeat_id",
-        validated_ttl = 15_552_000.0, missing_ttl = 1_209_600.0  // 180 and 14 days
-    ))]
+        validated_ttl = None, missing_ttl = None, *, record_format = "json"
+    ), text_signature = "(cache, name='reccobeat', source_field='spotify_id', target_field='reccobeat_id', validated_ttl=15552000.0, missing_ttl=1209600.0, *, record_format='json')")]
     fn new(
         cache: &Bound<'_, PyCache>,
         name: &str,
         source_field: &str,
         target_field: &str,
-        validated_ttl: f64,
-        missing_ttl: f64,
+        validated_ttl: Option<&Bound<'_, PyAny>>,
+        missing_ttl: Option<&Bound<'_, PyAny>>,
+        record_format: &str,
     ) -> PyResult<Self> {
+        let format = match record_format {
+            "json" => RecordFormat::Json,
+            "pickle" => RecordFormat::Pickle,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "record_format must be \"json\" or \"pickle\", got {other:?}"
+                )))
+            }
+        };
+        // Seconds, timedeltas or "180d"; the defaults are 180 and 14 days.
+        let days = |name: &str, value: Option<&Bound<'_, PyAny>>, default_days: f64| match value {
+            Some(v) if !v.is_none() => crate::cache::py::seconds_arg(name, v),
+            _ => Ok(default_days * 86_400.0),
+        };
+        let validated_ttl = days("validated_ttl", validated_ttl, 180.0)?;
+        let missing_ttl = days("missing_ttl", missing_ttl, 14.0)?;
         for (what, value) in [
             ("name", name),
             ("source_field", source_field),
@@ -537,6 +572,7 @@ impl PyIdRegistry {
                     name: name.to_owned(),
                     source_field: source_field.to_owned(),
                     target_field: target_field.to_owned(),
+                    format,
                 },
                 validated_ttl: ttl_arg("validated_ttl", validated_ttl)?,
                 missing_ttl: ttl_arg("missing_ttl", missing_ttl)?,

@@ -7,6 +7,7 @@ knobs are in `tests/chaos.py`)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -272,7 +273,32 @@ def test_a_wait_for_another_process_load_ends_when_redis_stalls(own_redis, raw) 
         return "loaded here"
 
     # Another process is loading the key: it holds the lock.
-    raw.set(f"stall|lock|{slow.key(1)}", "another-process", px=30_000)
+    args = [sys.executable, "-c", SLOW_LEADER, own_redis.url]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as leader:
+        try:
+            assert leader.stdout is not None and leader.stdout.readline() == "loading\n"
+            follow_while_redis_stalls(own_redis, raw, slow)
+        finally:
+            own_redis.resume()
+            leader.kill()
+            leader.wait(10)
+
+
+SLOW_LEADER = """
+import sys, time, tenuto
+cache = tenuto.Cache(sys.argv[1], namespace="stall")
+
+@cache.cached(ttl=60, name="slow")
+def slow(x):
+    print("loading", flush=True)
+    time.sleep(60)  # a slow upstream; the test kills this process
+    return "leader"
+
+slow(1)
+"""
+
+
+def follow_while_redis_stalls(own_redis, raw, slow) -> None:
     done: dict[str, float] = {}
 
     def follower() -> None:

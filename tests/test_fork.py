@@ -8,9 +8,11 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import tenuto
+from tenuto.testing import FakeClock
 
 CHILD_DEADLINE = 15.0
 
@@ -186,3 +188,165 @@ def test_fresh_process_forking_during_a_load_on_memory() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "child"
+
+
+class Upstream:
+    """A cached function's upstream that, in the parent, blocks the calls it is told to
+    until released, so the process can fork while a load or a refresh is in flight;
+    in a child it answers at once."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+        self.blocking: set[str] = set()
+        self.inside = {key: threading.Event() for key in ("load", "stale")}
+        self.release = threading.Event()
+
+    def answer(self, key: str) -> str:
+        if os.getpid() != self.parent:
+            return "child"
+        if key in self.blocking:
+            self.inside[key].set()
+            assert self.release.wait(CHILD_DEADLINE)
+        return "parent"
+
+
+def lookup_pair(found) -> list:
+    return [found.state, found.value]
+
+
+def cache_for(backend: str, request, clock) -> tenuto.Cache:
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    name = f"fork{os.getpid()}x{time.monotonic_ns()}"
+    return tenuto.Cache(url, namespace=name, jitter=0.0, clock=clock)
+
+
+# What a child reports when the parent forked during a load of "load" and a background
+# refresh of the stale "stale": it loads "load" itself; it serves the stale value it
+# inherited at once, and its own refresh (it has no share in the parent's) stores its
+# answer. On Redis the parent, still alive, holds the lock of "load": the child waits
+# `wait_timeout` (1 s) for its write, then loads; `refresh()` does not wait.
+CHILD_SEES = {"load": "child", "stale": "parent", "refreshed": "child", "after": ["hit", "child"]}
+
+
+def test_child_forks_during_a_load_and_a_background_refresh(backend: str, request) -> None:
+    clock = FakeClock(1_700_000_000)
+    cache = cache_for(backend, request, clock)
+    upstream = Upstream()
+
+    @cache.cached(ttl=10, stale_ttl=1000, wait_timeout=1)
+    def song(key: str) -> str:
+        return upstream.answer(key)
+
+    assert song("stale") == "parent"
+    clock.advance(11)
+    upstream.blocking |= {"load", "stale"}
+    assert song("stale") == "parent"  # stale: served, refreshed on the pool
+    loader = threading.Thread(target=song, args=("load",))
+    loader.start()
+    assert upstream.inside["stale"].wait(10) and upstream.inside["load"].wait(10)
+
+    def child() -> dict:
+        return {
+            "load": song("load"),
+            "stale": song("stale"),
+            "refreshed": song.refresh("stale"),
+            "after": lookup_pair(song.lookup("stale")),
+        }
+
+    try:
+        report = run_in_fork(child)
+    finally:
+        upstream.release.set()
+        loader.join(10)
+        song._settle(song.key("stale"))
+    assert report == {"ok": True, **CHILD_SEES}
+
+
+async def test_child_forks_during_an_async_load_and_refresh(backend: str, request) -> None:
+    """The same with `async def`: the parent's load and refresh are tasks on its loop,
+    which the child does not have; the child runs its own."""
+    clock = FakeClock(1_700_000_000)
+    cache = cache_for(backend, request, clock)
+    upstream = Upstream()
+
+    @cache.cached(ttl=10, stale_ttl=1000, wait_timeout=1)
+    async def song(key: str) -> str:
+        if os.getpid() == upstream.parent and key in upstream.blocking:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, upstream.answer, key)
+        return upstream.answer(key)
+
+    assert await song("stale") == "parent"
+    clock.advance(11)
+    upstream.blocking |= {"load", "stale"}
+    assert await song("stale") == "parent"  # stale: served, refreshed by a task
+    load = asyncio.ensure_future(song("load"))
+    loop = asyncio.get_running_loop()
+    for key in ("load", "stale"):
+        assert await loop.run_in_executor(None, upstream.inside[key].wait, 10)
+
+    def child() -> dict:
+        async def calls() -> dict:
+            return {
+                "load": await song("load"),
+                "stale": await song("stale"),
+                "refreshed": await song.refresh("stale"),
+                "after": lookup_pair(await song.lookup("stale")),
+            }
+
+        return asyncio.run(calls())
+
+    try:
+        report = await loop.run_in_executor(None, run_in_fork, child)
+    finally:
+        upstream.release.set()
+        assert await load == "parent"
+        await song._asettle(song.key("stale"))
+    assert report == {"ok": True, **CHILD_SEES}
+
+
+_pool_song = None
+
+
+def _pool_child(_: int) -> dict:  # pragma: no cover - runs in a multiprocessing child
+    assert _pool_song is not None
+    return {
+        "load": _pool_song("load"),
+        "stale": _pool_song("stale"),
+        "refreshed": _pool_song.refresh("stale"),
+        "after": lookup_pair(_pool_song.lookup("stale")),
+    }
+
+
+def test_multiprocessing_pool_forked_during_a_load_and_a_refresh(backend: str, request) -> None:
+    """A `multiprocessing` pool (fork) started while a thread loads and a refresh runs:
+    every child answers by itself, none waits for the parent's flights."""
+    global _pool_song
+    clock = FakeClock(1_700_000_000)
+    cache = cache_for(backend, request, clock)
+    upstream = Upstream()
+
+    @cache.cached(ttl=10, stale_ttl=1000, wait_timeout=1)
+    def song(key: str) -> str:
+        return upstream.answer(key)
+
+    _pool_song = song
+    assert song("stale") == "parent"
+    clock.advance(11)
+    upstream.blocking |= {"load", "stale"}
+    assert song("stale") == "parent"
+    loader = threading.Thread(target=song, args=("load",))
+    loader.start()
+    assert upstream.inside["stale"].wait(10) and upstream.inside["load"].wait(10)
+    try:
+        with multiprocessing.get_context("fork").Pool(3, maxtasksperchild=1) as pool:
+            reports = pool.map_async(_pool_child, range(3), 1).get(CHILD_DEADLINE)
+    finally:
+        _pool_song = None
+        upstream.release.set()
+        loader.join(10)
+        song._settle(song.key("stale"))
+    for report in reports:
+        # On Redis a child may find the refresh another child stored: a hit on "child".
+        assert report["stale"] in ("parent", "child")
+        assert {**report, "stale": "?"} == {**CHILD_SEES, "stale": "?"}

@@ -224,12 +224,6 @@ def test_an_outage_copy_never_comes_back_after_recovery(own_redis) -> None:
     assert (found.state, found.value) != ("hit", "v1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine: a memory copy written during an outage is dropped only by this "
-    "process's own write or delete of the key, not by another process's (src/cache)",
-)
 def test_an_outage_copy_never_comes_back_after_another_process_wrote(own_redis) -> None:
     """The same with two processes (two caches: each has its own memory store), as under
     gunicorn: worker B wrote v1 during the outage; worker A writes v2 (or deletes the
@@ -255,14 +249,6 @@ def test_an_outage_copy_never_comes_back_after_another_process_wrote(own_redis) 
     assert (found.state, found.value) != ("hit", "v1"), "a deleted value came back"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine: a caller waiting (BLPOP) for another process's load keeps waiting "
-    "up to wait_timeout + command_timeout when Redis stalls, though the stall marks the "
-    "store down; every other call gives up after command_timeout (src/cache/redis.rs "
-    "wait_done)",
-)
 def test_a_wait_for_another_process_load_ends_when_redis_stalls(own_redis, raw) -> None:
     import tenuto
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::local::{Invalidated, Listener, LocalTier};
+use super::local::{Invalidated, Invalidation, Listener, LocalTier};
 use super::memory::{Entry, MemoryStore};
 use super::redis::StoreError;
 use super::topology::companion_key;
@@ -399,39 +399,63 @@ impl<V: Send + Sync + 'static, R: Remote> Engine<V, R> {
             (Some(_), None) => return Err(CoreError::invalid(
                 "local= puts an in-process tier in front of Redis; a memory cache is one already",
             )),
-            (Some((max_entries, ttl)), Some(remote)) => {
-                let tier = Arc::new(LocalTier::new(
-                    max_entries,
-                    ttl,
-                    format!("{}:", config.namespace),
-                ));
-                let weak = Arc::downgrade(&tier);
+            (Some((max_entries, ttl)), Some(_)) => Some(Arc::new(LocalTier::new(
+                max_entries,
+                ttl,
+                format!("{}:", config.namespace),
+            ))),
+        };
+        let policy = TtlPolicy::new(config.jitter)?;
+        let engine = Arc::new_cyclic(|me: &std::sync::Weak<Self>| {
+            if let Some(remote) = &remote {
+                let me = me.clone();
                 remote.watch(Arc::new(move |what| {
-                    if let Some(tier) = weak.upgrade() {
-                        tier.invalidate(what);
+                    if let Some(engine) = me.upgrade() {
+                        engine.remote_changed(what);
                     }
                 }));
-                Some(tier)
             }
-        };
-        Ok(Arc::new(Self {
-            local,
-            policy: TtlPolicy::new(config.jitter)?,
-            namespace: config.namespace,
-            clock,
-            memory: MemoryStore::new(config.max_entries),
-            remote,
-            fail_open: config.fail_open,
-            max_value_bytes: config.max_value_bytes,
-            counters: Counters::default(),
-            coalesced: AtomicU64::new(0),
-            loads_started: AtomicU64::new(0),
-            loads: SingleFlight::new(),
-            refreshes: SingleFlight::new(),
-            refused: Mutex::new(HashSet::new()),
-            refused_writes: AtomicU64::new(0),
-            logged: Mutex::new(HashSet::new()),
-        }))
+            Self {
+                local,
+                policy,
+                namespace: config.namespace,
+                clock,
+                memory: MemoryStore::new(config.max_entries),
+                remote,
+                fail_open: config.fail_open,
+                max_value_bytes: config.max_value_bytes,
+                counters: Counters::default(),
+                coalesced: AtomicU64::new(0),
+                loads_started: AtomicU64::new(0),
+                loads: SingleFlight::new(),
+                refreshes: SingleFlight::new(),
+                refused: Mutex::new(HashSet::new()),
+                refused_writes: AtomicU64::new(0),
+                logged: Mutex::new(HashSet::new()),
+            }
+        });
+        Ok(engine)
+    }
+
+    /// What the remote says changed. `All` (it is back after an outage, or lost pushes):
+    /// memory copies kept during the outage may be older than what other processes wrote
+    /// since, and go, except those of writes the remote refused (they live nowhere else);
+    /// the local tier goes too.
+    fn remote_changed(&self, what: Invalidation) {
+        if what == Invalidation::All {
+            let refused: Vec<Arc<str>> = lock(&self.refused).iter().cloned().collect();
+            let kept: Vec<(Arc<str>, Arc<Entry<V>>)> = refused
+                .into_iter()
+                .filter_map(|k| self.memory.get(&k).map(|e| (k, e)))
+                .collect();
+            self.memory.clear();
+            for (key, entry) in kept {
+                self.memory.insert(key, entry);
+            }
+        }
+        if let Some(local) = &self.local {
+            local.invalidate(what);
+        }
     }
 
     pub fn namespace(&self) -> &str {

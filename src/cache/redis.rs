@@ -76,8 +76,9 @@ pub struct RedisStore {
     /// The local tier's listener, told of pushed invalidations and of new connections.
     listener: Mutex<Option<Listener>>,
     invalidated_by: Mutex<Invalidated>,
-    /// 1 + the fork epoch of the last tracking connection (0: none yet).
-    tracked_in: AtomicU64,
+    /// Woken when the store is marked down: waits that would not notice (a BLPOP on its
+    /// own connection) give up at once.
+    went_down: tokio::sync::Notify,
     pub outages: AtomicU64,
     me: Weak<RedisStore>,
 }
@@ -167,7 +168,7 @@ impl RedisStore {
             slot_map: Mutex::new(None),
             listener: Mutex::new(None),
             invalidated_by: Mutex::new(Invalidated::Pending),
-            tracked_in: AtomicU64::new(0),
+            went_down: tokio::sync::Notify::new(),
             outages: AtomicU64::new(0),
             me: me.clone(),
         }))
@@ -276,7 +277,7 @@ impl RedisStore {
     /// older connection than the current one is that command's alone.
     /// On a new shared connection: asks a single server to push invalidations of the
     /// local tier's keys (broadcast mode on the namespace prefix; NOLOOP: not our own
-    /// writes), and flushes the tier, which may have missed some while disconnected.
+    /// writes).
     async fn start_tracking(&self, mut conn: Conn) {
         let Some(prefix) = &self.config.tracking_prefix else {
             return;
@@ -316,12 +317,6 @@ impl RedisStore {
                 self.display_url,
                 if self.is_cluster() { " (a cluster)" } else { "" }
             );
-        }
-        // The first connection in a process has nothing to catch up on (a forked child's
-        // tier drops the parent's copies itself); later ones may have missed pushes.
-        let epoch = runtime::fork_epoch() + 1;
-        if self.tracked_in.swap(epoch, Ordering::AcqRel) == epoch {
-            self.notify(Invalidation::All);
         }
     }
 
@@ -370,6 +365,7 @@ impl RedisStore {
             }
             first
         };
+        self.went_down.notify_waiters();
         if first {
             self.outages.fetch_add(1, Ordering::Relaxed);
             log::warn!(
@@ -1161,21 +1157,62 @@ impl Remote for RedisStore {
     }
 
     async fn wait_done(&self, keys: &FlightKeys, timeout: Duration) -> Result<bool, StoreError> {
+        // Registered before the check, so a mark-down in between is not missed.
+        let went_down = self.went_down.notified();
+        tokio::pin!(went_down);
+        went_down.as_mut().enable();
+        if self.is_down() {
+            return Err(StoreError::Unavailable(self.last_error()));
+        }
+        tokio::select! {
+            waited = self.wait_done_on_own_connection(keys, timeout) => waited,
+            () = &mut went_down => Err(StoreError::Unavailable(
+                "Redis was marked down while waiting for another process's load".into(),
+            )),
+        }
+    }
+}
+
+impl RedisStore {
+    /// BLPOP in slices of half a `command_timeout`: a server that stops answering is
+    /// noticed (and the store marked down) within 1.5 command timeouts, not after the
+    /// whole wait.
+    async fn wait_done_on_own_connection(
+        &self,
+        keys: &FlightKeys,
+        timeout: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.blocking_connection().await?;
-        // BLPOP takes seconds with decimals (Redis 6+); 0 would mean "forever".
-        let seconds = timeout.as_secs_f64().max(0.01);
-        let mut blpop = redis::cmd("BLPOP");
-        blpop.arg(&keys.done).arg(seconds);
-        let pop = blpop.query_async::<Option<(String, String)>>(&mut conn);
-        // The server answers nil after `seconds`; our own deadline only guards a hung server.
-        match tokio::time::timeout(timeout + self.config.command_timeout, pop).await {
-            Ok(Ok(popped)) => {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
                 self.give_back_blocking(conn);
-                Ok(popped.is_some())
+                return Ok(false);
             }
-            Ok(Err(err)) if !is_outage(&err) => Err(StoreError::Command(err.to_string())),
-            Ok(Err(err)) => Err(StoreError::Unavailable(err.to_string())),
-            Err(_) => Err(StoreError::Unavailable("BLPOP timed out".into())),
+            let slice = left.min(self.config.command_timeout / 2);
+            // BLPOP takes seconds with decimals (Redis 6+); 0 would mean "forever".
+            let mut blpop = redis::cmd("BLPOP");
+            blpop.arg(&keys.done).arg(slice.as_secs_f64().max(0.01));
+            let pop = blpop.query_async::<Option<(String, String)>>(&mut conn);
+            // The server answers nil after the slice; this deadline catches one that hangs.
+            match tokio::time::timeout(slice + self.config.command_timeout, pop).await {
+                Ok(Ok(Some(_))) => {
+                    self.give_back_blocking(conn);
+                    return Ok(true);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) if !is_outage(&err) => {
+                    return Err(StoreError::Command(err.to_string()))
+                }
+                Ok(Err(err)) => return Err(StoreError::Unavailable(err.to_string())),
+                Err(_) => {
+                    let reason = "Redis stopped answering a wait (BLPOP timed out)".to_string();
+                    let generation = self.lock().generation;
+                    self.mark_down(generation, reason.clone());
+                    return Err(StoreError::Unavailable(reason));
+                }
+            }
         }
     }
 }
@@ -1250,8 +1287,11 @@ async fn reconnect_loop(store: Weak<RedisStore>) {
         };
         match attempt {
             Ok(conn) => {
-                // Tracking (and the local tier's flush) before anyone reads through it.
+                // Before anyone reads through it: tracking, and a word to the engine that
+                // what it kept while Redis was away (outage copies, local copies that
+                // missed pushes) may be older than what other processes wrote since.
                 store.start_tracking(conn.clone()).await;
+                store.notify(Invalidation::All);
                 {
                     let mut state = store.lock();
                     state.conn = Some(conn);

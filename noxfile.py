@@ -65,6 +65,8 @@ PEERS = [
     "httpx",
     "requests",
     "uvicorn",
+    # The chart of bench/results/latest.png.
+    "matplotlib",
 ]
 
 
@@ -193,10 +195,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against peers and lower bounds in one run; prints ratios."""
     install_wheel(session)
     session.install("redis>=5", *PEERS)
-    env = {"TENUTO_BENCH_OUT": os.environ.get("TENUTO_BENCH_OUT", "")}
-    session.run("python", "benches/bench_cache.py", *session.posargs, env=env)
-    session.run("python", "benches/bench_cached.py", *session.posargs)
-    session.run("python", "benches/bench_registry.py", *session.posargs)
-    session.run("python", "benches/bench_limits.py", *session.posargs)
-    session.run("python", "benches/bench_engine.py", *session.posargs)
-    session.run("python", "benches/bench_client.py", *session.posargs)
+    # Every benchmark in one run, recorded in bench/results/latest.md and latest.png.
+    session.run("python", "benches/report.py", *session.posargs)

@@ -27,7 +27,9 @@ BENCHES = [
     "bench_client.py",
 ]
 # A printed row that ends in a ratio: "<label> <number> [unit] <ratio>x".
-ROW = re.compile(r"^(?P<label>.*?\S)\s+[\d,.]+\s*(?:ns|µs|us|ms|/s|req/s)?\s+\|?\s*(?P<ratio>\d+(?:\.\d+)?)x\s*\|?$")
+ROW = re.compile(
+    r"^(?P<label>.*?\S)\s+[\d,.]+\s*(?:ns|µs|us|ms|/s|req/s)?\s+\|?\s*(?P<ratio>\d+(?:\.\d+)?)x\s*\|?$"
+)
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tenuto
-from tenuto.testing import RedisServer
+from tenuto.testing import RedisServer, companion_key
 
 QUICK = "--quick" in sys.argv
 REPEATS = 5 if QUICK else 9
@@ -227,14 +227,14 @@ def follower_delay(server: RedisServer) -> None:
             target=lambda s=seed: (lead(s), written.append(time.perf_counter()))
         )
         leader.start()
-        while not raw.exists(f"wait|lock|{lead.key(seed)}"):
+        while not raw.exists(companion_key(f"wait:{lead.key(seed)}", "lock")):
             time.sleep(0.0005)
         returned: list[float] = []
         follower = threading.Thread(
             target=lambda s=seed, out=returned: (follow(s), out.append(time.perf_counter()))
         )
         follower.start()
-        while not raw.exists(f"wait|waiters|{lead.key(seed)}"):
+        while not raw.exists(companion_key(f"wait:{lead.key(seed)}", "waiters")):
             time.sleep(0.0005)
         gate.set()
         leader.join()

@@ -199,7 +199,10 @@ def run(kind: str, use_tenuto: bool, redis_url: str | None) -> dict[str, Phase]:
         cache = tenuto.Cache(redis_url, namespace=namespace, clock=clock)
     phases = {name: Phase() for name in PHASES}
     with Upstream(scale=SCALE) as upstream:
-        app = module.create_app(upstream.url, cache, use_tenuto=use_tenuto)
+        if kind == "fastapi":
+            app = module.create_app(upstream.url, cache, use_tenuto, limits_url=redis_url)
+        else:
+            app = module.create_app(upstream.url, cache, use_tenuto)
         with serving(kind, app) as base_url:
             for name, phase in phases.items():
                 before = upstream.counters()
@@ -277,8 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tenuto demo: cache on {backend}; upstream latency x{SCALE} (real limits: 80/minute)")
     results: dict[str, dict[str, dict[str, Phase]]] = {}
     titles = {
-        "flask": "Flask app (YouTube-Music-like API: trending, billboard, lyrics, artist songs; 2 uploads)",
-        "fastapi": "FastAPI app (recommendation workflow: ID registry, audio features, recommendations)",
+        "flask": "Flask app: trending, billboard, lyrics, artist songs (YouTube-Music-like API)",
+        "fastapi": "FastAPI app: ID registry, audio features, recommendations (RecoBeat-like API)",
     }
     for kind in ("flask", "fastapi"):
         results[kind] = {

@@ -45,8 +45,14 @@ class UpstreamError(Exception):
 
 
 def create_app(
-    upstream_url: str, cache: tenuto.Cache | None = None, use_tenuto: bool = True
+    upstream_url: str,
+    cache: tenuto.Cache | None = None,
+    use_tenuto: bool = True,
+    *,
+    limits_url: str | None = None,
 ) -> FastAPI:
+    """`limits_url`: a Redis that every worker's limiter and breaker share (the API's 80
+    calls a minute are for the whole service); None keeps them per process."""
     if use_tenuto and cache is None:
         raise ValueError("create_app needs a cache= with use_tenuto=True")
     clients: dict[str, httpx.AsyncClient] = {}
@@ -65,8 +71,10 @@ def create_app(
         prefix = cache.stats()["namespace"]
         # The API's own limit, spread out; a burst of 40 lets a cold start go at once
         # and still stays under 80 in any minute. At most 6 calls in flight.
-        limiter = tenuto.RateLimiter("80/minute", burst=40, max_concurrency=6, name=prefix)
-        breaker = tenuto.CircuitBreaker(failures=5, reset_after=30, name=prefix)
+        limiter = tenuto.RateLimiter(
+            "80/minute", burst=40, max_concurrency=6, url=limits_url, name=prefix
+        )
+        breaker = tenuto.CircuitBreaker(failures=5, reset_after=30, url=limits_url, name=prefix)
         registry = tenuto.IdRegistry(cache, name="reccobeat")
         cached = cache.cached
         app.add_middleware(TenutoMiddleware, cache=cache)
@@ -193,6 +201,10 @@ def __getattr__(name: str) -> Any:
     upstream_url = os.environ.get("UPSTREAM_URL")
     if not upstream_url:
         raise RuntimeError("set UPSTREAM_URL (python examples/upstream.py prints one)")
-    app = create_app(upstream_url, tenuto.Cache.from_env(namespace="fastapi-demo"))
+    url = os.environ.get("TENUTO_URL") or os.environ.get("REDIS_URL")
+    limits_url = url if url and not url.startswith("memory:") else None
+    app = create_app(
+        upstream_url, tenuto.Cache.from_env(namespace="fastapi-demo"), limits_url=limits_url
+    )
     globals()["app"] = app
     return app

@@ -260,12 +260,17 @@ def _handler(upstream: Upstream) -> type[BaseHTTPRequestHandler]:
                 return self.reply(200, {"down": bool(body.get("on", True))})
             if parts.path == "/control/counters" and method == "GET":
                 return self.reply(200, upstream.counters())
-            for route_method, pattern, endpoint in ROUTES:
-                match = pattern.fullmatch(parts.path)
-                if match and method == route_method:
-                    break
-            else:
+            route = next(
+                (
+                    (name, match)
+                    for verb, pattern, name in ROUTES
+                    if verb == method and (match := pattern.fullmatch(parts.path))
+                ),
+                None,
+            )
+            if route is None:
                 return self.reply(404, {"error": f"no route {method} {parts.path}"})
+            endpoint, match = route
             status, retry_after = upstream.admit(endpoint, self.headers.get("User-Agent", ""))
             if status == 503:
                 return self.reply(503, {"error": "upstream unavailable"})

@@ -3,6 +3,7 @@ real servers (gunicorn --preload with 2 workers, uvicorn) on loopback."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -161,62 +162,68 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
+def example_upstream(scale: float):
+    """examples/upstream.py's simulated upstream, served from this process."""
+    spec = importlib.util.spec_from_file_location(
+        "example_upstream", ROOT / "examples" / "upstream.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Upstream(scale=scale)
+
+
 def test_flask_app_under_gunicorn_preload(redis_server, namespace, tmp_path) -> None:
     pytest.importorskip("gunicorn")
     port = free_port()
-    log = tmp_path / "upstream.log"
-    env = {
-        "REDIS_URL": redis_server.url,
-        "UPSTREAM_LOG": str(log),
-        "UPSTREAM_SECONDS": "0.5",
-        "PYTHONPATH": str(ROOT),
-    }
-    args = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "--threads", "8"]
-    args += ["-b", f"127.0.0.1:{port}", "examples.flask_app:app"]
-    output = tmp_path / "gunicorn.log"
-    proc = start_server(args, env, output)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/stats", proc, output)
-        country = namespace  # a key no earlier run has cached
-        with ThreadPoolExecutor(16) as pool:
-            responses = list(
-                pool.map(lambda _: httpx.get(f"{base}/trending/{country}", timeout=30), range(16))
-            )
-        assert all(r.status_code == 200 for r in responses)
-        assert {r.json()["country"] for r in responses} == {country}
-        assert log.read_text().count(country) == 1, "one upstream call across both workers"
-        assert httpx.get(f"{base}/trending/{country}").headers["X-Cache"] == "hit"
-        pids = {int(line.split()[0]) for line in log.read_text().splitlines()}
-        assert proc.pid not in pids, "the upstream ran in a forked worker, not the master"
-    finally:
-        stop_server(proc)
+    with example_upstream(scale=0.1) as upstream:  # trending takes 0.1-0.3 s
+        env = {"REDIS_URL": redis_server.url, "UPSTREAM_URL": upstream.url, "PYTHONPATH": str(ROOT)}
+        args = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "--threads", "8"]
+        args += ["-b", f"127.0.0.1:{port}", "examples.flask_app:app"]
+        output = tmp_path / "gunicorn.log"
+        proc = start_server(args, env, output)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(f"{base}/health", proc, output)
+            country = namespace.upper()  # a key no earlier run has cached
+            url = f"{base}/trending?country={country}"
+            with ThreadPoolExecutor(16) as pool:
+                responses = list(pool.map(lambda _: httpx.get(url, timeout=30), range(16)))
+            assert all(r.status_code == 200 for r in responses)
+            assert {r.json()["country"] for r in responses} == {country}
+            calls = upstream.counters()["calls"]
+            assert calls == {"ytm.trending": 1}, "one upstream call across both workers"
+            assert httpx.get(url).headers["X-Cache"] == "hit"
+            pids = {int(agent.rsplit("/", 1)[1]) for agent in upstream.user_agents}
+            assert proc.pid not in pids, "the upstream ran in a forked worker, not the master"
+        finally:
+            stop_server(proc)
 
 
 def test_fastapi_app_under_uvicorn(redis_server, namespace, tmp_path) -> None:
     pytest.importorskip("uvicorn")
     port = free_port()
-    env = {"REDIS_URL": redis_server.url, "UPSTREAM_SECONDS": "0.5", "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1"]
-    args += ["--port", str(port)]
-    output = tmp_path / "uvicorn.log"
-    proc = start_server(args, env, output)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/stats", proc, output)
-        seed = namespace
-        with ThreadPoolExecutor(16) as pool:
-            responses = list(
-                pool.map(
-                    lambda _: httpx.get(f"{base}/recommendations/{seed}", timeout=30), range(16)
-                )
-            )
-        assert all(r.status_code == 200 for r in responses)
-        assert {r.headers["x-cache"] for r in responses} == {"miss"}
-        again = httpx.get(f"{base}/recommendations/{seed}")
-        assert again.headers["x-cache"] == "hit" and again.json()["upstream_calls"] == 1
-    finally:
-        stop_server(proc)
+    with example_upstream(scale=0.05) as upstream:  # recommendations take 1-3.5 s
+        env = {"REDIS_URL": redis_server.url, "UPSTREAM_URL": upstream.url, "PYTHONPATH": str(ROOT)}
+        args = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1"]
+        args += ["--port", str(port)]
+        output = tmp_path / "uvicorn.log"
+        proc = start_server(args, env, output)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(f"{base}/health", proc, output)
+            url = f"{base}/recommendations?seeds={namespace}a,{namespace}b"
+            with ThreadPoolExecutor(16) as pool:
+                responses = list(pool.map(lambda _: httpx.get(url, timeout=30), range(16)))
+            assert all(r.status_code == 200 for r in responses)
+            assert {r.headers["x-cache"] for r in responses} == {"miss"}
+            again = httpx.get(url)
+            assert again.headers["x-cache"] == "hit" and again.json() == responses[0].json()
+            assert len(again.json()["tracks"]) == 10
+            calls = upstream.counters()["calls"]
+            assert calls == {"reco.resolve": 1, "reco.audio_features": 1, "reco.recommendations": 1}
+        finally:
+            stop_server(proc)
 
 
 def test_flask_inbound_limit() -> None:

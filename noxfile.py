@@ -185,8 +185,9 @@ def wheels(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The README's demo on the embedded memory backend."""
+    """The README's demo on the embedded memory backend (REDIS_URL set: on Redis)."""
     install_wheel(session)
+    session.install("flask>=2.2", "fastapi>=0.100", "uvicorn", "httpx")  # the [demo] extra
     session.run("python", "examples/demo.py")
 
 

@@ -31,12 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import fastapi  # noqa: F401
+    import flask  # noqa: F401
+    import httpx
+    import uvicorn
+except ImportError as missing:  # installed without the extra
+    sys.exit(f"the demo's apps need {missing.name}: python3 -m pip install '.[demo]'")
+
 # Run as a script or by runpy: the sibling modules are imported from this folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fastapi_app  # noqa: E402
 import flask_app  # noqa: E402
-import httpx  # noqa: E402
 from upstream import UNKNOWN_IDS, Upstream, has_lyrics  # noqa: E402
 
 import tenuto  # noqa: E402
@@ -158,8 +165,6 @@ def serving(kind: str, app: Any) -> Iterator[str]:
             app.extensions["upstream"].close()
         return
     import socket
-
-    import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import os
 import random
 import statistics
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -303,13 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     p50 = statistics.median([x for p in warm for x in p.latencies])
     p50_base = statistics.median([x for p in warm_base for x in p.latencies])
     outage_errors = sum(r["tenuto"]["outage"].errors for r in results.values())
-    print()
-    print(
-        "Latencies are of answered requests; errors are every other answer. Before the outage"
-        " the cache clock moves past every TTL (Flask 7 h, FastAPI 100 days): what the"
-        " outage serves is stale. The outage run sends the reads only."
+    note = (
+        "Latencies are of answered requests; errors are all other answers. Before the outage"
+        " the cache clock moves past every TTL (Flask 7 h, FastAPI 100 days), so what the"
+        " outage run serves is stale; it sends the reads only (the uploads need the upstream)."
+        f" Ran in {time.monotonic() - started:.0f} s."
     )
-    print(f"({time.monotonic() - started:.0f} s)")
+    print()
+    print(textwrap.fill(note, width=100))
     print(
         f"warm run: {fewer:.0f}% fewer upstream calls, p50 {p50:.1f} ms (was {p50_base:.1f} ms),"
         f" {outage_errors} errors during the outage"

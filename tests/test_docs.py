@@ -55,15 +55,23 @@ def test_docs_examples_run(doc: str, redis_server, monkeypatch: pytest.MonkeyPat
         exec(compile(block, f"{doc}[{i}]", "exec"), {"__name__": f"doc{i}"})
 
 
-def test_demo_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's first command: both apps, with and without tenuto, cold, warm and
-    during an outage; the closing line's numbers are measured, so assert on them."""
-    monkeypatch.delenv("REDIS_URL", raising=False)  # the README runs it on memory
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_demo_runs(
+    backend: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, request
+) -> None:
+    """The README's first command (on memory, and with REDIS_URL set): both apps, with and
+    without tenuto, cold, warm and during an outage; the closing line's numbers are
+    measured, so assert on them."""
+    if backend == "redis":
+        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_server").url)
+    else:
+        monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setattr(sys, "argv", ["demo.py"])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the demo puts examples/ first
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert out.count("upstream calls") >= 2, out  # one table per app
+    assert ("cache on redis://" in out) == (backend == "redis"), out
     closing = out.strip().splitlines()[-1]
     found = re.fullmatch(
         r"warm run: (\d+)% fewer upstream calls, p50 ([\d.]+) ms \(was ([\d.]+) ms\),"

@@ -162,15 +162,21 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
+def example(name: str):
+    """examples/{name}.py, loaded from its file (examples/ is not a package on sys.path)."""
+    module_name = f"tenuto_example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "examples" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
 def example_upstream(scale: float):
     """examples/upstream.py's simulated upstream, served from this process."""
-    spec = importlib.util.spec_from_file_location(
-        "example_upstream", ROOT / "examples" / "upstream.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Upstream(scale=scale)
+    return example("upstream").Upstream(scale=scale)
 
 
 def test_flask_app_under_gunicorn_preload(redis_server, namespace, tmp_path) -> None:
@@ -391,3 +397,60 @@ def test_fastapi_inbound_limits_are_per_app_on_the_apps_redis(redis_server, name
     workers = [worker(), worker()]
     codes = [workers[i % 2].get("/songs").status_code for i in range(6)]
     assert codes.count(200) == 3 and codes.count(429) == 3, codes
+
+
+def test_example_flask_app_behaviour() -> None:
+    """The demo's Flask app: negative cache for missing lyrics, uploads invalidate what
+    they change, and the baseline (no tenuto) calls the upstream every time."""
+    create_app = example("flask_app").create_app
+    with example_upstream(scale=0.001) as upstream:
+        has_lyrics = example("upstream").has_lyrics
+        silent = next(f"song-{i}" for i in range(50) if not has_lyrics(f"song-{i}"))
+        app = create_app(upstream.url, tenuto.Cache(namespace="example-flask"))
+        client = app.test_client()
+        first, second = client.get(f"/lyrics/{silent}"), client.get(f"/lyrics/{silent}")
+        assert first.json == second.json == {"id": silent, "lyrics": None}
+        assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("miss", "hit")
+        assert client.get("/artist/a9/songs").headers["X-Cache"] == "miss"
+        created = client.post("/songs", json={"artist": "a9", "title": "Fresh"})
+        assert created.status_code == 201 and "X-Cache" not in created.headers
+        after = client.get("/artist/a9/songs")
+        assert after.headers["X-Cache"] == "miss" and after.json["songs"][-1]["title"] == "Fresh"
+        assert upstream.counters()["calls"] == {
+            "ytm.lyrics": 1,
+            "ytm.artist_songs": 2,
+            "ytm.add_song": 1,
+        }
+        baseline = create_app(upstream.url, use_tenuto=False).test_client()
+        answers = [baseline.get("/billboard") for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert "X-Cache" not in answers[0].headers
+        assert upstream.counters()["calls"]["ytm.billboard"] == 2
+        for flask_app in (app, baseline.application):
+            flask_app.extensions["upstream"].close()
+
+
+def test_example_fastapi_app_behaviour() -> None:
+    """The demo's FastAPI app: unknown IDs recorded as missing, features completed with
+    defaults in range, everything cached: the second request makes no upstream call."""
+    from fastapi.testclient import TestClient
+
+    create_app = example("fastapi_app").create_app
+    with example_upstream(scale=0.001) as upstream:
+        unknown = sorted(example("upstream").UNKNOWN_IDS)[0]
+        app = create_app(upstream.url, tenuto.Cache(namespace="example-fastapi"))
+        url = f"/recommendations?seeds=4uLU6hMCjMI75M1A2tKUQC,{unknown}&size=3"
+        with TestClient(app) as client:
+            first = client.get(url)
+            assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+            body = first.json()
+            assert body["seeds"][unknown] is None and body["seeds"]["4uLU6hMCjMI75M1A2tKUQC"]
+            (features,) = body["features"].values()
+            assert set(tenuto.AUDIO_FEATURE_DEFAULTS) <= set(features)
+            assert 0 <= features["key"] <= 11 and features["energy"] is not None
+            assert len(body["tracks"]) == 3
+            calls = upstream.counters()["calls"]
+            second = client.get(url)
+            assert second.headers["x-cache"] == "hit" and second.json() == body
+            assert upstream.counters()["calls"] == calls, "known, known-missing and cached"
+            assert client.get("/health").json()["registry"]["fetches"] == 1

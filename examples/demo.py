@@ -277,9 +277,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.parse_args(argv)
     # The outage makes every background refresh fail and tenuto logs each one (a warning);
-    # the tables count them instead.
-    logging.getLogger("tenuto").setLevel(logging.ERROR)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # the tables count them instead. Levels are put back after (runpy: the tests go on).
+    quiet = [logging.getLogger(name) for name in ("tenuto", "werkzeug")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        report()
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def report() -> None:
     redis_url = os.environ.get("REDIS_URL")
     backend = redis_url.split("@")[-1] if redis_url else "memory (set REDIS_URL for Redis)"
     started = time.monotonic()

@@ -274,8 +274,8 @@ def test_shared_limit_across_processes_admits_exactly_n(shared_url, namespace) -
         p.join(30)
     assert [unchecked for _, unchecked in outcomes] == [0] * 4, "Redis answered every call"
     admitted = [a for a, _ in outcomes]
+    # The promise is the total; how it splits depends on how each process is scheduled.
     assert sum(admitted) == 50, admitted
-    assert all(a > 0 for a in admitted), "every process got a share"
 
 
 def test_shared_outbound_spacing_and_pause(shared_url, namespace) -> None:

@@ -1,6 +1,8 @@
 """OpenTelemetry spans for upstream loads, when `opentelemetry` is installed (extra
-`tenuto[otel]`); nothing at all otherwise. A span wraps the user function only when the
-cache calls it (a miss, a refresh): hits never see it."""
+`tenuto[otel]`) and the app has set a tracer provider; nothing otherwise. A span wraps
+the user function only when the cache calls it (a miss, a refresh): hits never see it.
+Without a provider (the API's default proxy) a load skips the span machinery, which would
+cost microseconds for spans nobody records."""
 
 from __future__ import annotations
 
@@ -28,10 +30,17 @@ def traced_load(fn: Callable[..., Any], function: str, backend: str) -> Callable
     if backend == "redis":
         attributes["db.system.name"] = "redis"
 
+    untraced = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+    def recording() -> bool:
+        return not isinstance(trace.get_tracer_provider(), untraced)
+
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def traced_async(*args: Any, **kwargs: Any) -> Any:
+            if not recording():
+                return await fn(*args, **kwargs)
             with tracer.start_as_current_span("tenuto.load", attributes=attributes):
                 return await fn(*args, **kwargs)
 
@@ -39,6 +48,8 @@ def traced_load(fn: Callable[..., Any], function: str, backend: str) -> Callable
 
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
+        if not recording():
+            return fn(*args, **kwargs)
         with tracer.start_as_current_span("tenuto.load", attributes=attributes):
             return fn(*args, **kwargs)
 

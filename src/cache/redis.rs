@@ -429,73 +429,14 @@ impl RedisStore {
         .await
     }
 
-    /// SETs (with TTLs in seconds) and DELs in one pipeline: one round trip, applied in
-    /// order, nothing read back.
+    /// SETs (with TTLs in seconds) and DELs in one round trip (one pipeline per primary on
+    /// a cluster), applied in order, nothing read back.
     pub async fn write_many(
         &self,
         sets: Vec<(String, Vec<u8>, u64)>,
         deletes: Vec<String>,
     ) -> Result<(), StoreError> {
-        if sets.is_empty() && deletes.is_empty() {
-            return Ok(());
-        }
-        if self.is_cluster() {
-            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
-            let commands = sets.iter().map(|(key, value, seconds)| {
-                let mut set = redis::cmd("SET");
-                set.arg(key).arg(value).arg("EX").arg(*seconds);
-                set
-            });
-            if let Some(_written) = self.per_node(commands.collect(), &keys).await? {
-                if !deletes.is_empty() {
-                    self.delete(deletes).await?;
-                }
-                return Ok(());
-            }
-            // A stale slot map: one command per key, sent together; the cluster client
-            // routes each.
-            return self
-                .run(|conn| async move {
-                    let sets = sets.into_iter().map(|(key, value, seconds)| {
-                        let mut conn = conn.clone();
-                        async move {
-                            redis::cmd("SET")
-                                .arg(key)
-                                .arg(value)
-                                .arg("EX")
-                                .arg(seconds)
-                                .query_async::<()>(&mut conn)
-                                .await
-                        }
-                    });
-                    try_join_all(sets).await?;
-                    if !deletes.is_empty() {
-                        let mut conn = conn.clone();
-                        redis::cmd("DEL")
-                            .arg(deletes)
-                            .query_async::<()>(&mut conn)
-                            .await?;
-                    }
-                    Ok(())
-                })
-                .await;
-        }
-        self.run(|mut conn| async move {
-            let mut pipe = redis::pipe();
-            for (key, value, seconds) in sets {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(seconds)
-                    .ignore();
-            }
-            if !deletes.is_empty() {
-                pipe.cmd("DEL").arg(deletes).ignore();
-            }
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await
+        self.set_then_delete(sets, deletes, false).await.map(drop)
     }
 
     /// Like `write_many`, but each SET returns the value it replaced (`SET … GET`), in
@@ -505,69 +446,70 @@ impl RedisStore {
         sets: Vec<(String, Vec<u8>, u64)>,
         deletes: Vec<String>,
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.set_then_delete(sets, deletes, true)
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(|err| StoreError::Command(err.to_string()))
+    }
+
+    /// The SETs' replies (the replaced values with `get`), then one DEL of `deletes`.
+    async fn set_then_delete(
+        &self,
+        sets: Vec<(String, Vec<u8>, u64)>,
+        deletes: Vec<String>,
+        get: bool,
+    ) -> Result<Vec<redis::Value>, StoreError> {
         if sets.is_empty() && deletes.is_empty() {
             return Ok(Vec::new());
         }
-        if self.is_cluster() {
-            let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
-            let commands = sets.iter().map(|(key, value, seconds)| {
+        let keys: Vec<String> = sets.iter().map(|s| s.0.clone()).collect();
+        let commands: Vec<redis::Cmd> = sets
+            .into_iter()
+            .map(|(key, value, seconds)| {
                 let mut set = redis::cmd("SET");
-                set.arg(key).arg(value).arg("EX").arg(*seconds).arg("GET");
-                set
-            });
-            if let Some(replaced) = self.per_node(commands.collect(), &keys).await? {
-                if !deletes.is_empty() {
-                    self.delete(deletes).await?;
+                set.arg(key).arg(value).arg("EX").arg(seconds);
+                if get {
+                    set.arg("GET");
                 }
-                return replaced
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()
-                    .map_err(|err| StoreError::Command(err.to_string()));
-            }
+                set
+            })
+            .collect();
+        if !self.is_cluster() {
             return self
-                .run(|conn| async move {
-                    let sets = sets.into_iter().map(|(key, value, seconds)| {
-                        let mut conn = conn.clone();
-                        async move {
-                            redis::cmd("SET")
-                                .arg(key)
-                                .arg(value)
-                                .arg("EX")
-                                .arg(seconds)
-                                .arg("GET")
-                                .query_async::<Option<Vec<u8>>>(&mut conn)
-                                .await
-                        }
-                    });
-                    let replaced = try_join_all(sets).await?;
-                    if !deletes.is_empty() {
-                        let mut conn = conn.clone();
-                        redis::cmd("DEL")
-                            .arg(deletes)
-                            .query_async::<()>(&mut conn)
-                            .await?;
+                .run(|mut conn| async move {
+                    let mut pipe = redis::pipe();
+                    for command in commands {
+                        pipe.add_command(command);
                     }
-                    Ok(replaced)
+                    if !deletes.is_empty() {
+                        pipe.cmd("DEL").arg(deletes).ignore();
+                    }
+                    pipe.query_async(&mut conn).await
                 })
                 .await;
         }
-        self.run(|mut conn| async move {
-            let mut pipe = redis::pipe();
-            for (key, value, seconds) in sets {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(seconds)
-                    .arg("GET");
+        // A cluster takes a pipeline only within one slot: one per primary from the slot
+        // map, or, while the map is stale, one command per key sent together (the cluster
+        // client routes each).
+        let replies = match self.per_node(commands.clone(), &keys).await? {
+            Some(replies) => replies,
+            None => {
+                self.run(|conn| async move {
+                    let sent = commands.into_iter().map(|command| {
+                        let mut conn = conn.clone();
+                        async move { command.query_async::<redis::Value>(&mut conn).await }
+                    });
+                    try_join_all(sent).await
+                })
+                .await?
             }
-            if !deletes.is_empty() {
-                pipe.cmd("DEL").arg(deletes).ignore();
-            }
-            pipe.query_async(&mut conn).await
-        })
-        .await
+        };
+        if !deletes.is_empty() {
+            self.delete(deletes).await?;
+        }
+        Ok(replies)
     }
 
     /// Deletes `key` only while its JSON record has `field == expected` (one script).
@@ -602,53 +544,29 @@ impl RedisStore {
     /// Deletes every key matching `pattern` with SCAN + UNLINK (never KEYS, which blocks the
     /// server), on every primary of a cluster. Returns how many keys were removed.
     async fn delete_matching(&self, pattern: String) -> Result<u64, StoreError> {
-        let nodes = if self.is_cluster() {
-            self.primaries().await?
-        } else {
-            vec![ClusterNode::default()]
-        };
         let mut removed = 0;
-        for node in nodes {
-            removed += self.delete_matching_on(&node, &pattern).await?;
+        for node in &self.scan_targets().await? {
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = self.scan_page(node, &pattern, cursor).await?;
+                if !keys.is_empty() {
+                    // UNLINK of many keys: a cluster connection splits it by slot.
+                    removed += self
+                        .run(|mut conn| async move {
+                            redis::cmd("UNLINK")
+                                .arg(keys)
+                                .query_async::<u64>(&mut conn)
+                                .await
+                        })
+                        .await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
         }
         Ok(removed)
-    }
-
-    async fn delete_matching_on(
-        &self,
-        node: &ClusterNode,
-        pattern: &str,
-    ) -> Result<u64, StoreError> {
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let reply = self
-                .run(|mut conn| async move { conn.on_node(&node.host, node.port, scan).await })
-                .await?;
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
-                .map_err(|err| StoreError::Command(err.to_string()))?;
-            if !keys.is_empty() {
-                // UNLINK of many keys: a cluster connection splits it by slot.
-                removed += self
-                    .run(|mut conn| async move {
-                        redis::cmd("UNLINK")
-                            .arg(keys)
-                            .query_async::<u64>(&mut conn)
-                            .await
-                    })
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
-        }
     }
 
     /// Each primary of a cluster with its slots and whether it answers PING now (for

@@ -45,17 +45,28 @@ create_exception!(
     "The upstream's body is not JSON."
 );
 
-/// A `ClientError` as the Python exception, with its attributes.
+/// A `ClientError` as the Python exception, with its attributes (`status`, `url`, `body`
+/// for upstream answers; `retry_after` in seconds for refusals).
 fn to_py_err(py: Python<'_>, err: ClientError) -> PyErr {
     let message = err.to_string();
-    let (exc, attrs): (PyErr, Vec<(&str, Py<PyAny>)>) = match err {
+    let any = |value: PyResult<Py<PyAny>>| value.unwrap_or_else(|_| py.None());
+    let answer = |status: Option<u16>, url: String, body: String| {
+        vec![
+            ("status", any(status.into_py_any(py))),
+            ("url", any(url.into_py_any(py))),
+            ("body", any(body.into_py_any(py))),
+        ]
+    };
+    let wait = |ns: i64| {
+        vec![(
+            "retry_after",
+            any((ns as f64 / NANOS as f64).into_py_any(py)),
+        )]
+    };
+    let (exc, attrs) = match err {
         ClientError::Unreachable { url, .. } => (
             UpstreamError::new_err(message),
-            vec![
-                ("status", py.None()),
-                ("url", url.into_py_any(py).unwrap_or(py.None())),
-                ("body", "".into_py_any(py).unwrap_or(py.None())),
-            ],
+            answer(None, url, String::new()),
         ),
         ClientError::Status {
             status,
@@ -63,19 +74,11 @@ fn to_py_err(py: Python<'_>, err: ClientError) -> PyErr {
             excerpt,
         } => (
             UpstreamError::new_err(message),
-            vec![
-                ("status", status.into_py_any(py).unwrap_or(py.None())),
-                ("url", url.into_py_any(py).unwrap_or(py.None())),
-                ("body", excerpt.into_py_any(py).unwrap_or(py.None())),
-            ],
+            answer(Some(status), url, excerpt),
         ),
         ClientError::Timeout { url, .. } => (
             UpstreamTimeout::new_err(message),
-            vec![
-                ("status", py.None()),
-                ("url", url.into_py_any(py).unwrap_or(py.None())),
-                ("body", "".into_py_any(py).unwrap_or(py.None())),
-            ],
+            answer(None, url, String::new()),
         ),
         ClientError::InvalidJson {
             status,
@@ -84,30 +87,14 @@ fn to_py_err(py: Python<'_>, err: ClientError) -> PyErr {
             ..
         } => (
             InvalidJSON::new_err(message),
-            vec![
-                ("status", status.into_py_any(py).unwrap_or(py.None())),
-                ("url", url.into_py_any(py).unwrap_or(py.None())),
-                ("body", excerpt.into_py_any(py).unwrap_or(py.None())),
-            ],
+            answer(Some(status), url, excerpt),
         ),
-        ClientError::RateLimited { retry_after_ns, .. } => (
-            RateLimited::new_err(message),
-            vec![(
-                "retry_after",
-                (retry_after_ns as f64 / NANOS as f64)
-                    .into_py_any(py)
-                    .unwrap_or(py.None()),
-            )],
-        ),
-        ClientError::CircuitOpen { retry_after_ns, .. } => (
-            CircuitOpen::new_err(message),
-            vec![(
-                "retry_after",
-                (retry_after_ns as f64 / NANOS as f64)
-                    .into_py_any(py)
-                    .unwrap_or(py.None()),
-            )],
-        ),
+        ClientError::RateLimited { retry_after_ns, .. } => {
+            (RateLimited::new_err(message), wait(retry_after_ns))
+        }
+        ClientError::CircuitOpen { retry_after_ns, .. } => {
+            (CircuitOpen::new_err(message), wait(retry_after_ns))
+        }
         ClientError::Invalid(err) => return err.into(),
     };
     let value = exc.value(py);
